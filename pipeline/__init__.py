@@ -1,0 +1,1 @@
+"""The ``kdcache`` command line, configuration, executors and the demo."""

@@ -1,0 +1,1 @@
+"""Stage one (teacher -> cache), stage two (cache -> student), losses and model adapters."""
