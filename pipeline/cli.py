@@ -1,0 +1,172 @@
+"""The ``kdcache`` command line: parse, validate, call one library function.
+
+User mistakes (every KDCacheError) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from kdcache.storage.errors import KDCacheError
+
+
+class _Group(click.Group):
+    """Turns a KDCacheError into one line on stderr and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KDCacheError as e:
+            click.echo(f"kdcache: error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kdcache")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
+    """kdcache: run the teacher once, cache its top-k logits, train many students from the cache."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+CACHE_ARG = click.argument("cache", type=click.Path(path_type=Path))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@main.command()
+@CACHE_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def inspect(cache: Path, as_json: bool) -> None:
+    """Describe CACHE: format, backend, k, vocabulary, counts, size, fingerprints, parts."""
+    from kdcache.storage.reader import CacheReader
+
+    d = CacheReader(cache).describe()
+    if as_json:
+        click.echo(json.dumps(d, indent=1, sort_keys=True))
+        return
+    rows = [
+        (
+            "format",
+            f"{d['format']} v{d['format_version']} ({d['backend']} backend, {d['codec']} codec)",
+        ),
+        (
+            "targets",
+            f"{d['targets']} k={d['k']} on {d['targets_on']} rows; ids {d['id_dtype']}, log-probs {d['logprob_dtype']}",
+        ),
+        ("vocabulary", f"{d['vocab_size']:,}"),
+        ("sequences", f"{d['num_sequences']:,}"),
+        ("positions", f"{d['num_positions']:,} ({d['num_target_rows']:,} with targets)"),
+        (
+            "size on disk",
+            f"{_human_bytes(d['bytes_on_disk'])} ({d['bytes_per_position']:.1f} bytes/position)",
+        ),
+        ("parts", f"{len(d['parts'])}"),
+        ("teacher", json.dumps(d["teacher"], sort_keys=True)),
+        ("tokenizer", json.dumps(d["tokenizer"], sort_keys=True)),
+        ("data", json.dumps(d["data"], sort_keys=True)),
+        ("created", f"{d['created']} by kdcache {d['kdcache_version']}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@main.command()
+@CACHE_ARG
+@click.option(
+    "--files-only", is_flag=True, help="Only compare file checksums; do not decode every chunk."
+)
+def verify(cache: Path, files_only: bool) -> None:
+    """Recompute every checksum of CACHE and check its structure; exit 2 if anything is wrong."""
+    from kdcache.storage.errors import IntegrityError
+    from kdcache.storage.integrity import verify_cache
+
+    problems = verify_cache(cache, decode=not files_only)
+    if problems:
+        for p in problems[:50]:
+            click.echo(p, err=True)
+        raise IntegrityError(
+            f"{cache}: {len(problems)} problem(s) found; recapture the damaged parts"
+        )
+    click.echo(f"{cache}: OK")
+
+
+@main.command()
+@CACHE_ARG
+def finalize(cache: Path) -> None:
+    """Build CACHE's manifest from its committed parts (after many capture jobs).
+
+    Lists the parts still missing (not started, or in progress) if any."""
+    from kdcache.storage.manifest import finalize as _finalize
+
+    m = _finalize(cache)
+    click.echo(
+        f"{cache}: finalized {len(m['parts'])} parts, {m['totals']['positions']:,} positions"
+    )
+
+
+@main.command()
+@CACHE_ARG
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--backend",
+    type=click.Choice(["zarr", "arrow"]),
+    required=True,
+    help="Backend of the new cache.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="If OUT holds a cache made with other settings, delete it first.",
+)
+def convert(cache: Path, out: Path, backend: str, replace: bool) -> None:
+    """Rewrite CACHE into OUT with another backend (contents bit-identical)."""
+    from kdcache.storage.convert import convert_cache
+
+    m = convert_cache(cache, out, backend, replace_out=replace)
+    click.echo(
+        f"{out}: {m['totals']['positions']:,} positions, {_human_bytes(m['bytes_on_disk'])} ({backend})"
+    )
+
+
+@main.command()
+@CACHE_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats(cache: Path, as_json: bool) -> None:
+    """Teacher statistics over CACHE: top-k mass captured, entropy, most frequent top-1 ids."""
+    from kdcache.storage.stats import cache_stats
+
+    s = cache_stats(cache)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    click.echo(f"target rows        {s['target_rows']:,}")
+    click.echo(
+        f"top-k mass         mean {s['topk_mass_mean']:.4f}, p05 {s['topk_mass_p05']:.2f}, median {s['topk_mass_p50']:.2f}"
+    )
+    click.echo(
+        f"entropy (nats)     mean {s['entropy_mean_nats']:.3f}, median {s['entropy_p50_nats']:.2f}, p95 {s['entropy_p95_nats']:.2f}"
+    )
+    click.echo(
+        "most frequent top-1 ids: "
+        + ", ".join(f"{t['id']} ({t['count']})" for t in s["top1_most_frequent"])
+    )
+
+
+if __name__ == "__main__":
+    main()

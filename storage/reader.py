@@ -1,0 +1,160 @@
+"""One reader over both backends: open a cache, count, read sequences, slices and blocks.
+
+cache = CacheReader("teacher-cache")
+cache.num_sequences, cache.num_positions, cache.k
+seq = cache[0]                      # Sequence: numpy arrays, top-k in probability order
+block = cache.block(100, 164)       # Block: 64 sequences as flat arrays + offsets
+for block in cache.iter_blocks():   # storage order, one part at a time
+    ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.storage.base import BackendReader, get_backend
+from kdcache.storage.errors import IntegrityError
+from kdcache.storage.manifest import PART_RECORD, load_manifest, parts_dir, read_json
+from kdcache.storage.schema import Block, CacheSchema, Sequence
+
+
+class CacheReader:
+    """A finalized cache, opened read-only. Errors name what is wrong and how to fix it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        self.schema = CacheSchema.from_dict(self.manifest["schema"])
+        self.backend = get_backend(self.manifest["backend"])
+        self.part_names = [p["name"] for p in self.manifest["parts"]]
+        counts = [int(p["counts"]["sequences"]) for p in self.manifest["parts"]]
+        # (P+1,) global index of each part's first sequence.
+        self.part_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._parts: dict[int, BackendReader] = {}
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.schema.k
+
+    @property
+    def vocab_size(self) -> int:
+        return self.schema.vocab_size
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.manifest["totals"]["sequences"])
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.manifest["totals"]["positions"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["totals"]["rows"])
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.part_names)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    # -- reading -----------------------------------------------------------------------------
+    def part(self, index: int) -> BackendReader:
+        if index not in self._parts:
+            name = self.part_names[index]
+            record = read_json(parts_dir(self.root) / name / PART_RECORD)
+            listed = self.manifest["parts"][index]
+            if record is None or record["counts"] != listed["counts"]:
+                raise IntegrityError(
+                    f"{self.root}: part {name} does not match the manifest (counts {listed['counts']}); "
+                    f"rerun `kdcache finalize {self.root}`"
+                )
+            self._parts[index] = self.backend.reader(
+                parts_dir(self.root) / name, self.schema, record
+            )
+        return self._parts[index]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.num_sequences:
+            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
+        p = int(np.searchsorted(self.part_starts, i, side="right")) - 1
+        return p, i - int(self.part_starts[p])
+
+    def sequence(self, i: int) -> Sequence:
+        p, j = self._locate(i)
+        return self.part(p).read(j, j + 1).sequence(0)
+
+    def block(self, start: int, stop: int) -> Block:
+        """Sequences [start, stop) as one block (a copy only where it spans parts)."""
+        start, stop = max(0, start), min(stop, self.num_sequences)
+        if stop <= start:
+            return Block.empty(self.schema)
+        blocks = []
+        p = self._locate(start)[0]
+        while start < stop:
+            lo, hi = int(self.part_starts[p]), int(self.part_starts[p + 1])
+            end = min(stop, hi)
+            if end > start:
+                blocks.append(self.part(p).read(start - lo, end - lo))
+            start, p = end, p + 1
+        return Block.concat(blocks, self.schema)
+
+    def __getitem__(self, key: int | slice) -> Sequence | Block:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.num_sequences)
+            if step != 1:
+                raise IndexError(
+                    "CacheReader slices take step 1; read blocks and index them instead"
+                )
+            return self.block(start, stop)
+        return self.sequence(int(key) + (self.num_sequences if key < 0 else 0))
+
+    def iter_blocks(self, block_sequences: int = 256) -> Iterator[Block]:
+        """Every sequence in storage order, as blocks that never span two parts."""
+        for p in range(self.num_parts):
+            n = int(self.part_starts[p + 1] - self.part_starts[p])
+            for start in range(0, n, block_sequences):
+                yield self.part(p).read(start, min(start + block_sequences, n))
+
+    def __iter__(self) -> Iterator[Sequence]:
+        for block in self.iter_blocks():
+            yield from block
+
+    def describe(self) -> dict:
+        """What ``kdcache inspect --json`` prints."""
+        m = self.manifest
+        nbytes = int(m["bytes_on_disk"])
+        return {
+            "path": str(self.root),
+            "format": m["format"],
+            "format_version": m["format_version"],
+            "backend": m["backend"],
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "id_dtype": self.schema.id_dtype.name,
+            "logprob_dtype": self.schema.logprob_dtype,
+            "targets": self.schema.targets,
+            "targets_on": self.schema.targets_on,
+            "codec": self.schema.codec,
+            "num_sequences": self.num_sequences,
+            "num_positions": self.num_positions,
+            "num_target_rows": self.num_rows,
+            "bytes_on_disk": nbytes,
+            "bytes_per_position": nbytes / self.num_positions if self.num_positions else 0.0,
+            "teacher": m["fingerprints"].get("teacher"),
+            "tokenizer": m["fingerprints"].get("tokenizer"),
+            "data": m["fingerprints"].get("data"),
+            "settings": m["settings"],
+            "parts": m["parts"],
+            "kdcache_version": m["kdcache_version"],
+            "created": m["created"],
+        }
+
+
+def open_cache(root: str | Path) -> CacheReader:
+    return CacheReader(root)

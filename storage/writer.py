@@ -1,0 +1,246 @@
+"""Writing one part of a cache: buffer sequences, flush durable blocks, resume, commit.
+
+    writer = PartWriter.open(root, identity, shard_index=0)
+    if not writer.committed:
+        for seq in sequences[writer.resume_sequences:]:   # skip what is already durable
+            writer.add(seq)                                # flushes every flush_positions
+        writer.commit()
+    finalize(root)
+
+After every flush the part's ``progress.json`` records what is durable; a rerun (same identity)
+continues from there, so at most one flush interval of work is repeated and the result is
+bit-identical to an uninterrupted run. ``part.json`` is written last, after fsync of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kdcache.storage.base import get_backend
+from kdcache.storage.errors import CacheMismatchError
+from kdcache.storage.integrity import file_table
+from kdcache.storage.manifest import (
+    MANIFEST,
+    PART_RECORD,
+    PROGRESS,
+    CacheIdentity,
+    kdcache_version,
+    now_iso,
+    part_name,
+    parts_dir,
+    read_json,
+    write_json_durable,
+)
+from kdcache.storage.schema import FORMAT_NAME, FORMAT_VERSION, Block, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _tokens_update(h: hashlib._Hash, block: Block) -> None:
+    """Hash of the token ids, independent of backend, dtype and flush boundaries."""
+    for j in range(block.num_sequences):
+        ids = block.input_ids[block.seq_offsets[j] : block.seq_offsets[j + 1]]
+        h.update(np.uint64(len(ids)).tobytes())
+        h.update(ids.astype("<u4").tobytes())
+
+
+def prepare_output(root: Path, identity: CacheIdentity, *, replace: bool) -> None:
+    """Refuse (or with replace, clear) whatever at root was made with another identity."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CacheMismatchError(
+            f"{root} exists and is a file; expected a cache directory: choose another --out"
+        )
+    if not root.exists():
+        return
+    entries = {p.name for p in root.iterdir()}
+    if entries - {MANIFEST, "parts", "config.json", ".gitignore"}:
+        raise CacheMismatchError(
+            f"{root} exists and is not a kdcache cache (found {sorted(entries)[:5]}); "
+            "choose an empty or new --out directory"
+        )
+    manifest = read_json(root / MANIFEST)
+    stale = []
+    if manifest is not None:
+        try:
+            identity.check_matches(manifest, root)
+        except CacheMismatchError:
+            if not replace:
+                raise
+            stale.append(root / MANIFEST)
+    pdir = parts_dir(root)
+    for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
+        rec = read_json(d / PART_RECORD) or read_json(d / PROGRESS)
+        if rec is None:
+            continue
+        try:
+            identity.check_matches(rec, d)
+        except CacheMismatchError:
+            if not replace:
+                raise
+            stale.append(d)
+    for path in stale:
+        log.warning("replacing %s: it was made with other settings", path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale and manifest is not None and (root / MANIFEST).exists():
+        (root / MANIFEST).unlink()  # the manifest named parts that are gone
+
+
+class PartWriter:
+    """Writes part ``part-{shard_index:05d}`` of the cache at root. One writer per part."""
+
+    def __init__(
+        self,
+        root: Path,
+        identity: CacheIdentity,
+        *,
+        shard_index: int = 0,
+        backend_options: dict | None = None,
+        config: dict | None = None,
+        flush_positions: int = 65536,
+    ) -> None:
+        self.root = Path(root)
+        self.identity = identity
+        self.shard_index = shard_index
+        self.name = part_name(shard_index)
+        self.dir = parts_dir(self.root) / self.name
+        self.backend = get_backend(identity.backend)
+        self.backend_options = self.backend.options(backend_options)
+        self.config = config or {}
+        self.flush_positions = flush_positions
+        self.schema = identity.schema
+        self._buffer: list[Sequence] = []
+        self._buffered_positions = 0
+        self._hash = hashlib.sha256()
+        self.counts = {"sequences": 0, "positions": 0, "rows": 0, "docs": 0}
+        self.committed = (self.dir / PART_RECORD).exists() and read_json(
+            self.dir / PART_RECORD
+        ) is not None
+        self._writer = None
+        if self.committed:
+            return
+        progress = read_json(self.dir / PROGRESS)
+        if progress is None and self.dir.exists():
+            shutil.rmtree(self.dir)  # killed before its first flush: nothing durable to keep
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = progress["backend_state"] if progress else None
+        self._writer = self.backend.writer(self.dir, self.schema, self.backend_options, state)
+        if progress:
+            self.counts = dict(progress["counts"])
+            self._rehash_durable(state)
+            log.info("%s: resuming after %d durable sequences", self.name, self.counts["sequences"])
+
+    @classmethod
+    def open(
+        cls, root: Path, identity: CacheIdentity, *, replace: bool = False, **kwargs
+    ) -> PartWriter:
+        prepare_output(Path(root), identity, replace=replace)
+        return cls(root, identity, **kwargs)
+
+    @property
+    def resume_sequences(self) -> int:
+        """Sequences already durable in this part: the caller continues after them."""
+        return self.counts["sequences"]
+
+    def _rehash_durable(self, state: dict) -> None:
+        record = self._record(state, file_table(self.dir))
+        reader = self.backend.reader(self.dir, self.schema, record)
+        step = 4096
+        for start in range(0, self.counts["sequences"], step):
+            _tokens_update(
+                self._hash, reader.read(start, min(start + step, self.counts["sequences"]))
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self._buffer.append(seq)
+        self._buffered_positions += len(seq.input_ids)
+        if self._buffered_positions >= self.flush_positions:
+            self.flush()
+
+    def add_block(self, block: Block) -> None:
+        """Append a whole block durably (flushing what is buffered first)."""
+        self.flush()
+        self._append(block)
+
+    def flush(self) -> None:
+        """Make every buffered sequence durable and record the resume point."""
+        if not self._buffer:
+            return
+        block = Block.from_sequences(self._buffer, self.schema)
+        self._buffer, self._buffered_positions = [], 0
+        self._append(block)
+
+    def _append(self, block: Block) -> None:
+        if block.num_sequences == 0:
+            return
+        self._writer.append(block)
+        _tokens_update(self._hash, block)
+        c = block.counts()
+        for key, axis in (
+            ("sequences", "sequence"),
+            ("positions", "position"),
+            ("rows", "row"),
+            ("docs", "doc"),
+        ):
+            self.counts[key] += c[axis]
+        write_json_durable(
+            self.dir / PROGRESS,
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "kind": "progress",
+                **self.identity.to_dict(),
+                "counts": self.counts,
+                "backend_state": self._writer.state(),
+            },
+        )
+
+    def _record(self, state: dict, files: dict) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kind": "part",
+            "name": self.name,
+            "shard_index": self.shard_index,
+            **self.identity.to_dict(),
+            "backend_options": self.backend_options,
+            "config": self.config,
+            "counts": dict(self.counts),
+            "files": files,
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "backend_state": state,
+        }
+
+    def commit(self, extra: dict | None = None) -> dict:
+        """Flush, fsync, then write part.json last. Returns the part record."""
+        if self.committed:
+            return read_json(self.dir / PART_RECORD)
+        self.flush()
+        self._writer.close()
+        record = self._record(self._writer.state(), file_table(self.dir))
+        record.update(
+            tokens_sha256=self._hash.hexdigest(),
+            kdcache_version=kdcache_version(),
+            created=now_iso(),
+            **(extra or {}),
+        )
+        write_json_durable(self.dir / PART_RECORD, record)
+        (self.dir / PROGRESS).unlink(missing_ok=True)
+        self.committed = True
+        return record
+
+
+def write_cache(root: Path, identity: CacheIdentity, blocks: list[Block], **kwargs) -> dict:
+    """Write blocks as one finalized single-part cache; returns the manifest (tests, convert)."""
+    from kdcache.storage.manifest import finalize
+
+    writer = PartWriter.open(root, identity, **kwargs)
+    for block in blocks:
+        writer.add_block(block)
+    writer.commit()
+    return finalize(root)

@@ -1,0 +1,191 @@
+"""Zarr v3 backend: one group per part, sharded arrays, zstd + crc32c per inner chunk.
+
+Arrays (docs/FORMAT.md): the flat arrays of the schema plus ``seq_offsets``, ``row_offsets``,
+``doc_offsets`` (S+1, int64). Every array is sharded (``shard_rows`` rows per shard file,
+``chunk_rows`` per inner chunk) with zstd and a crc32c checksum on every inner chunk, so a read
+of a damaged chunk fails loudly.
+
+Every write covers whole shards: the writer keeps the rows of the array's last, incomplete shard
+in memory and rewrites that shard whole (from its first row to the array's end) at each append;
+zarr-python loses data when two writers touch one shard (zarr-python issue 3682), and a shard
+written whole has exactly one writer. Durability: the written shard files and metadata are
+fsync'd before ``append`` returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from kdcache.storage.base import Backend, BackendReader, BackendWriter, register
+from kdcache.storage.errors import IntegrityError
+from kdcache.storage.manifest import fsync_path
+from kdcache.storage.schema import AXIS_OF, OFFSETS_OF_AXIS, Block, CacheSchema
+
+OFFSET_ARRAYS = tuple(OFFSETS_OF_AXIS.values())  # seq_offsets, row_offsets, doc_offsets
+
+
+def _array_specs(schema: CacheSchema) -> dict[str, tuple[np.dtype, tuple[int, ...], str]]:
+    """name -> (dtype, inner shape, axis) for every stored array."""
+    dtypes = schema.array_dtypes()
+    specs = {
+        name: (dtypes[name], (schema.k,) if name in ("topk_ids", "topk_logprobs") else (), axis)
+        for name, axis in AXIS_OF.items()
+    }
+    for name in OFFSET_ARRAYS:
+        specs[name] = (np.dtype(np.int64), (), "offset")
+    return specs
+
+
+def _rows(counts: dict[str, int], axis: str) -> int:
+    return counts["sequence"] + 1 if axis == "offset" else counts[axis]
+
+
+class ZarrWriter(BackendWriter):
+    name = "zarr"
+
+    def __init__(
+        self, part_dir: Path, schema: CacheSchema, options: dict, state: dict | None
+    ) -> None:
+        super().__init__(part_dir, schema, options)
+        self.shard_rows = int(options["shard_rows"])
+        self.chunk_rows = int(options["chunk_rows"])
+        self.specs = _array_specs(schema)
+        self.counts = (
+            dict(state["counts"]) if state else {"sequence": 0, "position": 0, "row": 0, "doc": 0}
+        )
+        if state is None:
+            self.group = zarr.open_group(self.part_dir, mode="w", zarr_format=3)
+            self.arrays = {name: self._create(name) for name in self.specs}
+            for name in OFFSET_ARRAYS:  # offsets start with a single 0 row
+                self._write(name, 0, np.zeros(1, dtype=np.int64))
+            self._tail = {name: (0, np.zeros((1,), np.int64)) for name in OFFSET_ARRAYS}
+        else:
+            self.group = zarr.open_group(self.part_dir, mode="r+", zarr_format=3)
+            self.arrays = {name: self.group[name] for name in self.specs}
+            self._tail = {}
+        for name, (dtype, inner, axis) in self.specs.items():
+            if name in self._tail:
+                continue
+            n = _rows(self.counts, axis)
+            arr = self.arrays[name]
+            if arr.shape[0] != n:  # drop rows written after the last durable append
+                arr.resize((n, *inner))
+            start = n // self.shard_rows * self.shard_rows
+            self._tail[name] = (start, arr[start:n] if n > start else np.zeros((0, *inner), dtype))
+
+    def _create(self, name: str) -> zarr.Array:
+        dtype, inner, _ = self.specs[name]
+        return self.group.create_array(
+            name,
+            shape=(0, *inner),
+            chunks=(self.chunk_rows, *inner),
+            shards=(self.shard_rows, *inner),
+            dtype=dtype,
+            compressors=[ZstdCodec(level=int(self.options["zstd_level"])), Crc32cCodec()],
+            fill_value=0,
+        )
+
+    def _write(self, name: str, start: int, rows: np.ndarray) -> None:
+        """Write rows at [start, start+len) where start is a shard boundary; fsync the files."""
+        arr = self.arrays[name]
+        end = start + len(rows)
+        arr.resize((end, *arr.shape[1:]))
+        arr[start:end] = rows
+        suffix = "/0" if arr.ndim == 2 else ""
+        for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1):
+            path = self.part_dir / name / "c" / f"{shard}{suffix}"
+            if path.exists():  # a shard of fill values only is not written by zarr
+                fsync_path(path)
+        fsync_path(self.part_dir / name / "zarr.json")
+
+    def append(self, block: Block) -> None:
+        if block.num_sequences == 0:
+            return
+        new_counts = {axis: self.counts[axis] + n for axis, n in block.counts().items()}
+        for name, (_, _, axis) in self.specs.items():
+            if axis == "offset":
+                axis_name = next(a for a, o in OFFSETS_OF_AXIS.items() if o == name)
+                base = self.counts[axis_name]
+                data = getattr(block, name)[1:] + base
+            else:
+                data = getattr(block, name)
+            start, tail = self._tail[name]
+            rows = np.concatenate([tail, data]) if len(tail) else data
+            self._write(name, start, rows)
+            end = start + len(rows)
+            new_start = end // self.shard_rows * self.shard_rows
+            self._tail[name] = (new_start, rows[new_start - start :].copy())
+        for d in {self.part_dir / name / "c" for name in self.specs} | {self.part_dir}:
+            if d.exists():
+                fsync_path(d)
+        self.counts = new_counts
+
+    def state(self) -> dict:
+        return {"counts": dict(self.counts)}
+
+
+class ZarrReader(BackendReader):
+    name = "zarr"
+
+    def __init__(self, part_dir: Path, schema: CacheSchema, record: dict) -> None:
+        super().__init__(part_dir, schema, record)
+        try:
+            group = zarr.open_group(self.part_dir, mode="r", zarr_format=3)
+            self.arrays = {name: group[name] for name in _array_specs(schema)}
+            # (S+1,) int64 each: small, loaded once so any sequence is found without a read.
+            self.offsets = {name: self.arrays[name][:] for name in OFFSET_ARRAYS}
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise IntegrityError(
+                f"{self.part_dir}: cannot open the part's zarr group ({e}); run `kdcache verify`"
+            ) from e
+        for name in OFFSET_ARRAYS:
+            if len(self.offsets[name]) != self.num_sequences + 1:
+                raise IntegrityError(
+                    f"{self.part_dir}/{name}: expected {self.num_sequences + 1} offsets (part.json), "
+                    f"found {len(self.offsets[name])}"
+                )
+
+    def read(self, start: int, stop: int) -> Block:
+        so, ro, do = (self.offsets[n] for n in OFFSET_ARRAYS)
+        ranges = {
+            "sequence": (start, stop),
+            "position": (so[start], so[stop]),
+            "row": (ro[start], ro[stop]),
+            "doc": (do[start], do[stop]),
+        }
+        flat = {}
+        for name, axis in AXIS_OF.items():
+            a, b = ranges[axis]
+            flat[name] = _read_checked(self.arrays[name], int(a), int(b), self.part_dir)
+        return Block(
+            seq_offsets=so[start : stop + 1] - so[start],
+            row_offsets=ro[start : stop + 1] - ro[start],
+            doc_offsets=do[start : stop + 1] - do[start],
+            **flat,
+        )
+
+
+def _read_checked(arr: zarr.Array, a: int, b: int, where: Path) -> np.ndarray:
+    try:
+        return arr[a:b]
+    except Exception as e:  # zarr raises plain ValueError/RuntimeError on a bad checksum
+        raise IntegrityError(
+            f"{where}/{arr.basename}: rows [{a}, {b}) could not be decoded ({type(e).__name__}: {e}); "
+            "the part is damaged: run `kdcache verify` and recapture the part"
+        ) from e
+
+
+register(
+    Backend(
+        "zarr",
+        ZarrWriter,
+        ZarrReader,
+        defaults={"shard_rows": 65536, "chunk_rows": 8192, "zstd_level": 3},
+    )
+)
+
+__all__ = ["ZarrReader", "ZarrWriter"]

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from kdcache.storage.errors import ConfigError
+from kdcache.storage.schema import Block, CacheSchema, Sequence, id_dtype_for
+
+
+def test_id_dtype_has_no_vocabulary_cap():
+    assert id_dtype_for(65536) == np.uint16
+    assert id_dtype_for(65537) == np.uint32
+    assert id_dtype_for(200_000) == np.uint32
+
+
+def test_labels_are_the_next_input_token():
+    """Alignment (FORMAT.md): the hard label of row t is input token t+1; the last row has none."""
+    s = Sequence(
+        0,
+        np.array([5, 6, 7]),
+        np.ones(3, np.uint8),
+        np.zeros(1, np.int32),
+        np.zeros((3, 1)),
+        np.zeros((3, 1)),
+        np.zeros(3),
+    )
+    assert s.labels.tolist() == [6, 7, -100]
+
+
+def test_schema_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        CacheSchema(k=0, vocab_size=10, logprob_dtype="bfloat16", targets_on="some")
+    msg = str(e.value)
+    assert "k must be" in msg and "logprob_dtype" in msg and "targets_on" in msg
+
+
+def test_k_larger_than_vocabulary():
+    with pytest.raises(ConfigError, match="k=11 exceeds the vocabulary size 10"):
+        CacheSchema(k=11, vocab_size=10)
+
+
+def test_bad_sequences_are_refused():
+    schema = CacheSchema(k=2, vocab_size=10)
+    good = dict(
+        sample_id=1,
+        input_ids=np.array([1, 2]),
+        loss_mask=np.ones(2, np.uint8),
+        doc_starts=np.zeros(1, np.int32),
+        topk_ids=np.zeros((2, 2), np.int64),
+        topk_logprobs=np.zeros((2, 2)),
+        log_tail=np.zeros(2),
+    )
+    Block.from_sequences([Sequence(**good)], schema)
+    for change, msg in [
+        ({"input_ids": np.array([1, 12])}, r"input_ids must lie in \[0, 10\)"),
+        ({"topk_ids": np.zeros((1, 2))}, "expected top-k arrays of shape"),
+        ({"doc_starts": np.array([1], np.int32)}, "doc_starts must start at 0"),
+        ({"loss_mask": np.ones(3, np.uint8)}, "loss_mask has 3 entries"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            Block.from_sequences([Sequence(**{**good, **change})], schema)
