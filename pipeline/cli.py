@@ -48,6 +48,138 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _shard_index(value: str) -> int | str:
+    if value == "env":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'env', got {value!r}") from None
+
+
+@main.command()
+@click.option(
+    "--teacher",
+    required=True,
+    help="Teacher: a Hugging Face causal-LM folder (config.json), a built-in GPT folder (model.pt) or .pt file, or module:factory returning a torch.nn.Module (ids (B, T) -> logits (B, T, V)).",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A text file or folder of them, JSONL (text or chat messages), Parquet, or a datasets folder saved with save_to_disk.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Cache directory to write (or resume).",
+)
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="tokenizer.json or Hugging Face tokenizer folder; default: the teacher's own.",
+)
+@click.option("--k", default=64, show_default=True, help="Top-k entries stored per position.")
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Tokens per sequence; default: the teacher's context, at most 2048.",
+)
+@click.option(
+    "--stride",
+    type=int,
+    default=None,
+    help="Step between overlapping windows of a long document; default seq-len/2; 0: long documents are an error.",
+)
+@click.option(
+    "--pack",
+    is_flag=True,
+    help="Join documents into full sequences, resetting attention and positions at each document boundary.",
+)
+@click.option(
+    "--text-field",
+    default=None,
+    help="JSONL/Parquet field holding the text (default: text, or messages for chat).",
+)
+@click.option(
+    "--ids-field",
+    default=None,
+    help="JSONL/Parquet field holding pre-tokenized ids (default: input_ids or token_ids if present).",
+)
+@click.option(
+    "--targets-on",
+    type=click.Choice(["all", "assistant"]),
+    default="all",
+    show_default=True,
+    help="Rows that get targets: every position, or only assistant tokens of chat data (stored only for those rows).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["zarr", "arrow"]),
+    default="zarr",
+    show_default=True,
+    help="Storage backend.",
+)
+@click.option(
+    "--logprob-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Storage type of the top-k log-probs.",
+)
+@click.option(
+    "--num-shards",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Split the documents into this many parts, one job each.",
+)
+@click.option(
+    "--shard-index",
+    default="0",
+    show_default=True,
+    help="This job's part, or 'env' to read SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE.",
+)
+@click.option(
+    "--batch-tokens",
+    type=int,
+    default=16384,
+    show_default=True,
+    help="Padded tokens per teacher batch.",
+)
+@click.option(
+    "--flush-positions",
+    type=int,
+    default=65536,
+    show_default=True,
+    help="Positions per durable flush: the most teacher work a crash can cost.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="If OUT holds a cache made with other settings (teacher, data, k, ...), delete it and start over; a matching cache is still resumed.",
+)
+@click.option(
+    "--no-progress", is_flag=True, help="No progress bar (the summary line is still printed)."
+)
+def cache(**opts) -> None:
+    """Run the teacher once over DATA and store its top-k in the cache OUT.
+
+    Resumable: rerun the same command after an interruption. With --num-shards N, run one job
+    per --shard-index (or --shard-index env in a SLURM array), then `kdcache finalize OUT`."""
+    from kdcache.stages.capture import CaptureConfig, run_capture
+
+    opts["shard_index"] = _shard_index(opts["shard_index"])
+    opts["progress"] = not opts.pop("no_progress")
+    for key in ("data", "out"):
+        opts[key] = str(opts[key])
+    summary = run_capture(CaptureConfig(**opts))
+    click.echo(summary.line())
+
+
 @main.command()
 @CACHE_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

@@ -156,9 +156,14 @@ class PartWriter:
                 self._hash, reader.read(start, min(start + step, self.counts["sequences"]))
             )
 
-    def add(self, seq: Sequence) -> None:
-        self._buffer.append(seq)
-        self._buffered_positions += len(seq.input_ids)
+    def add(self, seqs: Sequence | list[Sequence]) -> None:
+        """Buffer one sequence or a batch; flush once flush_positions are buffered.
+
+        A batch is never split by a flush, so a resume point is always a batch boundary and a
+        rerun batches exactly as the uninterrupted run did."""
+        for seq in [seqs] if isinstance(seqs, Sequence) else seqs:
+            self._buffer.append(seq)
+            self._buffered_positions += len(seq.input_ids)
         if self._buffered_positions >= self.flush_positions:
             self.flush()
 

@@ -1,0 +1,301 @@
+"""Teacher and student adapters: one small interface over the built-in GPT, Hugging Face causal
+LMs and any ``module:factory``.
+
+    model = load_model("path/to/teacher", device)   # built-in folder/.pt, HF folder, or mod:fn
+    h = model.hidden(input_ids, position_ids, segment_ids)  # (B, T, C)  when model.has_head
+    logits = model.head(h)                                  # (B, T, V)
+    logits = model.logits(input_ids, ...)                   # (B, T, V)  always
+
+``has_head`` models let the caller apply the output head a chunk of positions at a time (so
+(B, T, V) float32 logits never exist at once); the others hand over logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kdcache.storage.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_WEIGHTS = "model.pt"  # a built-in GPT folder: model.pt + tokenizer.json
+
+
+@dataclass
+class CausalLM:
+    """A loaded causal LM and what kdcache needs to know about it."""
+
+    name: str  # what the user passed
+    kind: str  # "builtin" | "hf" | "factory"
+    module: nn.Module
+    vocab_size: int  # output size V
+    max_positions: int | None  # context length, None if unknown
+    tokenizer_path: Path | None  # its own tokenizer, if it ships one
+    weight_files: list[Path] = field(default_factory=list)
+    _packing: bool | None = None
+
+    @property
+    def has_head(self) -> bool:
+        return self.kind in ("builtin", "hf")
+
+    @property
+    def head_module(self) -> nn.Linear:
+        if self.kind == "builtin":
+            return self.module.lm_head
+        return self.module.get_output_embeddings()
+
+    def hidden(
+        self, input_ids, position_ids=None, segment_ids=None, attention_mask=None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C) before the output head."""
+        if self.kind == "builtin":
+            return self.module.hidden_states(
+                input_ids, position_ids=position_ids, segment_ids=segment_ids
+            )
+        kwargs = _hf_mask_kwargs(
+            input_ids, position_ids, segment_ids, attention_mask, self.module.dtype
+        )
+        out = self.module.base_model(input_ids=input_ids, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head_module(hidden)
+
+    def logits(
+        self, input_ids, position_ids=None, segment_ids=None, attention_mask=None
+    ) -> torch.Tensor:
+        """Logits (B, T, V)."""
+        if self.kind == "builtin":
+            return self.module(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+        if self.kind == "hf":
+            kwargs = _hf_mask_kwargs(
+                input_ids, position_ids, segment_ids, attention_mask, self.module.dtype
+            )
+            return self.module(input_ids=input_ids, **kwargs).logits
+        kwargs = {}
+        if segment_ids is not None:
+            kwargs = {"position_ids": position_ids, "segment_ids": segment_ids}
+        out = self.module(input_ids, **kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def supports_packing(self) -> bool:
+        """Whether packed documents get exactly the logits they get alone (probed once)."""
+        if self._packing is None:
+            self._packing = _probe_packing(self)
+        return self._packing
+
+    def fingerprint(self) -> dict:
+        """name + kind + sha256 of the weight files (or of the state dict for a factory)."""
+        if self.weight_files:
+            digest = hashlib.sha256()
+            for f in sorted(self.weight_files):
+                digest.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+            h = digest.hexdigest()
+        else:
+            digest = hashlib.sha256()
+            for key, t in sorted(self.module.state_dict().items()):
+                digest.update(
+                    key.encode()
+                    + b"\0"
+                    + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                )
+            h = digest.hexdigest()
+        return {
+            "name": Path(self.name).name or self.name,
+            "kind": self.kind,
+            "sha256": h,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def _hf_mask_kwargs(input_ids, position_ids, segment_ids, attention_mask, dtype) -> dict:
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if segment_ids is not None:
+        # 4-D additive mask: block-diagonal and causal (HF models that accept custom 4-D masks).
+        T = input_ids.shape[1]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        allowed = (same & causal)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
+        kwargs["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+    return kwargs
+
+
+@torch.inference_mode()
+def _probe_packing(model: CausalLM) -> bool:
+    if model.kind == "builtin":
+        return True
+    if model.kind == "factory":
+        params = inspect.signature(model.module.forward).parameters
+        if "segment_ids" not in params:
+            return False
+    device = next(model.module.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, model.vocab_size, (1, 5), generator=g).to(device)
+    b = torch.randint(0, model.vocab_size, (1, 7), generator=g).to(device)
+    packed = torch.cat([a, b], dim=1)
+    seg = torch.tensor([[0] * 5 + [1] * 7], device=device)
+    pos = torch.tensor([list(range(5)) + list(range(7))], device=device)
+    try:
+        alone = model.logits(b).float()
+        together = model.logits(packed, position_ids=pos, segment_ids=seg).float()[:, 5:]
+    except Exception as e:  # the model refuses 4-D masks or position ids
+        log.info("packing probe failed: %s", e)
+        return False
+    return bool(torch.allclose(alone, together, atol=1e-3, rtol=1e-3))
+
+
+# -- weight hashes, computed once per file version ------------------------------------------
+def _hash_memo_path() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "kdcache" / "file-sha256.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoized by (absolute path, size, mtime) so big weights hash once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    memo_path = _hash_memo_path()
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    memo[key] = h.hexdigest()
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # a read-only home only costs a rehash next time
+    return memo[key]
+
+
+# -- loading ---------------------------------------------------------------------------------
+def load_model(
+    spec: str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None
+) -> CausalLM:
+    """A built-in GPT (folder with model.pt, or a .pt file), a Hugging Face causal-LM folder
+    (config.json; loaded with local_files_only), or ``module:factory``."""
+    path = Path(spec)
+    if path.is_dir() and (path / BUILTIN_WEIGHTS).is_file():
+        return _load_builtin(spec, path / BUILTIN_WEIGHTS, device)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return _load_builtin(spec, path, device)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf(spec, path, device, dtype)
+    if ":" in spec and not path.exists():
+        return _load_factory(spec, device)
+    if path.exists():
+        raise ConfigError(
+            f"{spec} is not a model kdcache can load: expected a folder with config.json (Hugging Face) "
+            f"or {BUILTIN_WEIGHTS} (built-in GPT), a .pt checkpoint, or module:factory"
+        )
+    raise ConfigError(
+        f"model {spec!r} not found: no such file or folder, and not of the form module:factory"
+    )
+
+
+def _load_builtin(spec: str, weights: Path, device) -> CausalLM:
+    from kdcache.stages.models.gpt import load_checkpoint
+
+    model, _ = load_checkpoint(weights, map_location=device)
+    tok = weights.parent if (weights.parent / "tokenizer.json").is_file() else None
+    return CausalLM(
+        name=spec,
+        kind="builtin",
+        module=model.eval(),
+        vocab_size=model.config.vocab_size,
+        max_positions=model.config.block_size,
+        tokenizer_path=tok,
+        weight_files=[weights],
+    )
+
+
+def _load_hf(spec: str, path: Path, device, dtype) -> CausalLM:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ConfigError(
+            f"{spec} is a Hugging Face model folder; install the extra: pip install 'kdcache[hf]'"
+        ) from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype or torch.float32
+        )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"the teacher folder {spec} does not load as a Hugging Face causal LM: {first}"
+        ) from e
+    model.to(device).eval()
+    cfg = model.config
+    vocab = model.get_output_embeddings().weight.shape[0]
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    tok = path if (path / "tokenizer.json").is_file() else None
+    weights = sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+    )
+    return CausalLM(
+        name=spec,
+        kind="hf",
+        module=model,
+        vocab_size=vocab,
+        max_positions=max_pos,
+        tokenizer_path=tok,
+        weight_files=weights,
+    )
+
+
+def _load_factory(spec: str, device) -> CausalLM:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"cannot import {spec!r} ({e}); expected module:factory importable on PYTHONPATH"
+        ) from e
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{spec}() returned {type(model).__name__}; expected a torch.nn.Module mapping ids (B, T) to logits (B, T, V)"
+        )
+    model.to(device).eval()
+    first = next(model.parameters(), None)
+    dev = first.device if first is not None else torch.device(device)
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 1, dtype=torch.long, device=dev))
+    out = out.logits if hasattr(out, "logits") else out
+    if not (isinstance(out, torch.Tensor) and out.dim() == 3):
+        raise ConfigError(
+            f"{spec}: the model returned {type(out).__name__} for ids (1, 1); expected logits (B, T, V)"
+        )
+    return CausalLM(
+        name=spec,
+        kind="factory",
+        module=model,
+        vocab_size=int(out.shape[-1]),
+        max_positions=getattr(model, "max_positions", None),
+        tokenizer_path=None,
+    )
