@@ -158,6 +158,13 @@ def _shard_index(value: str) -> int | str:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--head-precision",
+    type=click.Choice(["auto", "float32", "tf32"]),
+    default="auto",
+    show_default=True,
+    help="Output head matmul: float32, or tf32 tensor cores (CUDA only; several times faster, log-prob changes ~1e-3). auto: tf32 on CUDA.",
+)
+@click.option(
     "--replace",
     is_flag=True,
     help="If OUT holds a cache made with other settings (teacher, data, k, ...), delete it and start over; a matching cache is still resumed.",
@@ -178,6 +185,297 @@ def cache(**opts) -> None:
         opts[key] = str(opts[key])
     summary = run_capture(CaptureConfig(**opts))
     click.echo(summary.line())
+
+
+@main.command()
+@click.option(
+    "--cache",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The teacher cache to train from (the teacher is never loaded).",
+)
+@click.option(
+    "--student",
+    required=True,
+    help="A built-in GPT size (nano, micro, mini, small, base), a Hugging Face config folder (random init) or model folder, a built-in checkpoint, or module:factory.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory: config.json, steps.tsv, eval.tsv, metrics.json, checkpoint.pt, student/.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce"]),
+    default="forward_kl",
+    show_default=True,
+    help="forward_kl: KL to the renormalized top-k; forward_kl_tail: with a (k+1)-th rest bucket; reverse_kl; jsd; ce: hard labels only.",
+)
+@click.option(
+    "--alpha", type=float, default=None, help="Mix: alpha * KD + (1 - alpha) * hard-label CE."
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Re-temper the cached top-k (loss scaled by T^2).",
+)
+@click.option("--k", type=int, default=None, help="Use only the first k' <= cached k entries.")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="JSD mixing weight.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Sequences per optimizer step (global: all ranks and accumulation steps).",
+)
+@click.option(
+    "--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."
+)
+@click.option(
+    "--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW)."
+)
+@click.option(
+    "--min-lr",
+    type=float,
+    default=None,
+    help="Learning rate at the end of the cosine decay (default: --lr / 10).",
+)
+@click.option(
+    "--warmup",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Linear warmup steps, then cosine decay to --min-lr.",
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="AdamW weight decay (matrices only).",
+)
+@click.option(
+    "--clip", type=float, default=1.0, show_default=True, help="Gradient norm clipping (0: off)."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the student init and the data order.",
+)
+@click.option(
+    "--eval-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A second cache to evaluate on (default: a held-out slice of --cache).",
+)
+@click.option(
+    "--eval-fraction",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Share of batches held out for evaluation.",
+)
+@click.option(
+    "--eval-every", type=int, default=200, show_default=True, help="Steps between evaluations."
+)
+@click.option(
+    "--eval-batches",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Batches of the held-out data per evaluation.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=200,
+    show_default=True,
+    help="Steps between checkpoints (a rerun resumes from the last).",
+)
+@click.option(
+    "--chunk-rows",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Rows of student logits alive at once in the loss (lower: less memory, same result).",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=None,
+    help="Context of a built-in student (default: the cache's sequence length).",
+)
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="The student's tokenizer, if it ships none (compared with the cache's).",
+)
+@click.option(
+    "--tokenizer-check",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="off: train even if the student's tokenizer differs from the cache's or cannot be compared (a warning is logged).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--no-progress", is_flag=True, help="No progress bar (the summary line is still printed)."
+)
+def train(**opts) -> None:
+    """Train a student from CACHE alone: the teacher is never loaded.
+
+    Rerun the same command to resume from the last checkpoint. Under torchrun, every rank takes
+    its share of each global batch."""
+    from kdcache.stages.train import TrainConfig, run_train
+
+    opts["tokenizer_check"] = opts["tokenizer_check"] == "on"
+    opts["progress"] = not opts.pop("no_progress")
+    for key in ("cache", "out", "eval_cache"):
+        opts[key] = None if opts[key] is None else str(opts[key])
+    m = run_train(TrainConfig(**opts))
+    ev = m["eval"] or {}
+    click.echo(
+        f"{opts['out']}: {m['steps']} steps, {m['tokens']:,} tokens, {m['tokens_per_second']:,.0f} tokens/s; "
+        f"held-out CE {ev.get('ce', float('nan')):.4f}, KL to teacher top-k {ev.get('kl_topk', float('nan')):.4f}, "
+        f"top-1 agreement {ev.get('top1_agreement', float('nan')):.3f}"
+    )
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("kdcache-demo"),
+    show_default=True,
+    help="Where data/ (train.jsonl, heldout.jsonl) and tokenizer/ are written.",
+)
+@click.option(
+    "--max-files",
+    type=int,
+    default=None,
+    help="Take only this many stdlib files (spread over the library); default: all.",
+)
+@click.option(
+    "--vocab-size",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Vocabulary of the byte-level BPE tokenizer trained on the corpus.",
+)
+def prepare(workdir: Path, max_files: int, vocab_size: int) -> None:
+    """Built-in data: the Python standard library's sources (no download), split into train and
+    held-out by file, and a tokenizer trained on the train split."""
+    from kdcache.pipeline.demo import prepare as _prepare
+
+    d = _prepare(workdir, max_files=max_files or None, vocab_size=vocab_size)
+    tr, ho = d["splits"]["train"], d["splits"]["heldout"]
+    click.echo(
+        f"{workdir}/data: train {tr['files']} files ({tr['bytes'] / 1e6:.1f} MB), held-out {ho['files']} files; tokenizer {vocab_size} tokens"
+    )
+
+
+@main.command("teacher-train")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training text (any --data source of `kdcache cache`).",
+)
+@click.option(
+    "--tokenizer",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="tokenizer.json or a tokenizer folder.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Teacher folder to write: model.pt, tokenizer.json, metrics.json.",
+)
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out text for the reported cross-entropy.",
+)
+@click.option(
+    "--size",
+    default="micro",
+    show_default=True,
+    help="Built-in GPT size: nano, micro, mini, small, base.",
+)
+@click.option("--block-size", type=int, default=256, show_default=True, help="Context length.")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per step.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--max-seconds", type=float, default=None, help="Stop when this time budget is spent."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def teacher_train(**opts) -> None:
+    """Train kdcache's built-in GPT on text with hard labels: a teacher for `kdcache cache`."""
+    from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+
+    opts["progress"] = not opts.pop("no_progress")
+    for key in ("data", "tokenizer", "out", "heldout"):
+        opts[key] = None if opts[key] is None else str(opts[key])
+    m = run_pretrain(PretrainConfig(**opts))
+    ho = m["heldout_ce"]
+    click.echo(
+        f"{opts['out']}: {m['params']:,} parameters, {m['steps']} steps in {m['train_seconds']:.0f}s"
+        + (f", held-out CE {ho:.3f}" if ho is not None else "")
+    )
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("kdcache-demo"),
+    show_default=True,
+    help="Everything goes here; a rerun reuses what is done.",
+)
+@click.option(
+    "--quick", is_flag=True, help="A small corpus and short runs (about a minute), for tests."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo(workdir: Path, quick: bool, no_progress: bool) -> None:
+    """The main job on built-in data: train a teacher on the Python standard library, cache it
+    once, train two students of different sizes with KD plus the small one with hard labels only,
+    and print a table of held-out cross-entropy, agreement with the teacher, size and time."""
+    from kdcache.pipeline.demo import run_demo
+
+    run_demo(workdir, quick=quick, progress=not no_progress)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The teacher folder (with the metrics.json of teacher-train) for the first row.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write report.md and report.json here.",
+)
+def report(runs: tuple[Path, ...], teacher: Path | None, out: Path | None) -> None:
+    """The student RUNS side by side: held-out cross-entropy, KL to the teacher, agreement, size, time."""
+    from kdcache.pipeline.report import build_report
+
+    click.echo(build_report(list(runs), teacher=teacher, out=out)["markdown"])
 
 
 @main.command()

@@ -43,10 +43,16 @@ class CausalLM:
     tokenizer_path: Path | None  # its own tokenizer, if it ships one
     weight_files: list[Path] = field(default_factory=list)
     _packing: bool | None = None
+    _head_exact: bool | None = None
 
     @property
     def has_head(self) -> bool:
-        return self.kind in ("builtin", "hf")
+        """Whether ``head(hidden(x))`` are the model's logits (probed once for Hugging Face)."""
+        if self.kind != "hf":
+            return self.kind == "builtin"
+        if self._head_exact is None:
+            self._head_exact = _probe_head(self)
+        return self._head_exact
 
     @property
     def head_module(self) -> nn.Linear:
@@ -107,7 +113,7 @@ class CausalLM:
                 digest.update(
                     key.encode()
                     + b"\0"
-                    + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                    + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 )
             h = digest.hexdigest()
         return {
@@ -136,6 +142,25 @@ def _hf_mask_kwargs(input_ids, position_ids, segment_ids, attention_mask, dtype)
 
 
 @torch.inference_mode()
+def _probe_head(model: CausalLM) -> bool:
+    """Some causal LMs change the head's output in forward (Gemma 2 soft-caps it, Cohere and
+    Granite scale it): for them the head alone is not the model, so they hand over logits."""
+    device = next(model.module.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, 8), generator=g).to(device)
+    training = model.module.training  # a student may be in train mode: no dropout here
+    model.module.eval()
+    try:
+        via_head = model.head(model.hidden(ids)).float()  # (1, 8, V)
+        exact = torch.allclose(via_head, model.logits(ids).float(), atol=1e-4, rtol=1e-4)
+    finally:
+        model.module.train(training)
+    if not exact:
+        log.info("%s: its forward transforms the head's output; using full logits", model.name)
+    return bool(exact)
+
+
+@torch.inference_mode()
 def _probe_packing(model: CausalLM) -> bool:
     if model.kind == "builtin":
         return True
@@ -143,7 +168,8 @@ def _probe_packing(model: CausalLM) -> bool:
         params = inspect.signature(model.module.forward).parameters
         if "segment_ids" not in params:
             return False
-    device = next(model.module.parameters()).device
+    first = next(model.module.parameters(), None)  # a factory model may have no parameters
+    device = first.device if first is not None else torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, model.vocab_size, (1, 5), generator=g).to(device)
     b = torch.randint(0, model.vocab_size, (1, 7), generator=g).to(device)

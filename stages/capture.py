@@ -35,12 +35,24 @@ from tqdm.auto import tqdm
 
 from kdcache.stages.adapters import CausalLM, load_model
 from kdcache.stages.data import iter_documents, source_fingerprint, tokenize
-from kdcache.stages.extract import NonFiniteLogitsError, extract_from_logits, extract_rows
+from kdcache.stages.extract import (
+    NonFiniteLogitsError,
+    default_chunk_rows,
+    extract_from_logits,
+    extract_rows,
+)
 from kdcache.stages.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.errors import ConfigError, MissingPartError
-from kdcache.storage.manifest import CacheIdentity, finalize
+from kdcache.storage.manifest import (
+    PART_RECORD,
+    CacheIdentity,
+    finalize,
+    part_name,
+    parts_dir,
+    read_json,
+)
 from kdcache.storage.schema import CacheSchema, Sequence
-from kdcache.storage.writer import PartWriter
+from kdcache.storage.writer import PartWriter, prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +83,8 @@ class CaptureConfig:
     group_docs: int = 256  # documents per batching group (the unit of sharding)
     flush_positions: int = 65536  # positions per durable flush (the most work a crash loses)
     device: str = "auto"
-    chunk_rows: int = 4096  # positions per float32 head + top-k chunk
+    chunk_rows: int | None = None  # positions per float32 head + top-k chunk; None: by device
+    head_precision: str = "auto"  # float32 | tf32 (CUDA tensor cores) | auto: tf32 on CUDA
     replace: bool = False
     progress: bool = True
 
@@ -102,8 +115,10 @@ class CaptureConfig:
         if isinstance(self.shard_index, str) and self.shard_index != "env":
             p.append(f"--shard-index must be an integer or 'env', got {self.shard_index!r}")
         for name in ("batch_tokens", "group_docs", "flush_positions", "chunk_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.head_precision not in ("auto", "float32", "tf32"):
+            p.append(f"--head-precision must be auto, float32 or tf32, got {self.head_precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             p.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not Path(self.data).exists():
@@ -130,7 +145,7 @@ class CaptureConfig:
             "targets_on",
             "add_eos",
         )
-        keys += ("logprob_dtype", "batch_tokens", "group_docs")
+        keys += ("logprob_dtype", "batch_tokens", "group_docs", "head_precision")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -140,7 +155,10 @@ def resolve_shard(cfg: CaptureConfig) -> tuple[int, int]:
         return int(cfg.shard_index), cfg.num_shards
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        # --array=MIN-MAX:STEP numbers its tasks MIN, MIN+STEP, ...: shard (ID - MIN) // STEP
+        index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
+            env.get("SLURM_ARRAY_TASK_STEP", 1)
+        )
         count, source = int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID/COUNT"
     elif "RANK" in env and "WORLD_SIZE" in env:
         index, count, source = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE"
@@ -359,17 +377,22 @@ def teacher_rows(
         else None
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullctx()
+    chunk = cfg.chunk_rows or default_chunk_rows(device)
     if teacher.has_head:
         with autocast:
             h = teacher.hidden(
                 ids, position_ids=pos, segment_ids=seg, attention_mask=mask
             )  # (B, T, C)
         head = teacher.head_module
-        out = extract_rows(h[rows], head.weight, head.bias, cfg.k, cfg.chunk_rows)
+        out = extract_rows(
+            h[rows], head.weight, head.bias, cfg.k, chunk, tf32=cfg.head_precision == "tf32"
+        )
     else:
         with autocast:
-            logits = teacher.logits(ids, position_ids=pos, segment_ids=seg)  # (B, T, V)
-        out = extract_from_logits(logits[rows], cfg.k, cfg.chunk_rows)
+            logits = teacher.logits(
+                ids, position_ids=pos, segment_ids=seg, attention_mask=mask
+            )  # (B, T, V)
+        out = extract_from_logits(logits[rows], cfg.k, chunk)
     top_ids, lp, tail, finite = out
     id_dtype = (
         torch.int32 if teacher.vocab_size > 2**15 else torch.int16
@@ -526,6 +549,11 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
             f"--seq-len {seq_len} exceeds the teacher's context of {context} tokens; use --seq-len <= {context}"
         )
     stride = seq_len // 2 if cfg.stride is None else cfg.stride
+    if stride > seq_len:  # validate() checks this only when --seq-len is given
+        raise ConfigError(
+            f"--stride {stride} exceeds the sequence length {seq_len} (the teacher's context); "
+            f"windows would skip tokens: use --stride <= {seq_len}"
+        )
     if cfg.pack and not teacher.supports_packing():
         raise ConfigError(
             f"--pack needs a teacher that resets attention at document boundaries; {cfg.teacher} does not accept "
@@ -559,25 +587,20 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
             "tokenizer": {
                 "sha256": tok.fingerprint,
                 "vocab_size": tok.vocab_size,
-                "path": str(tok.path),
+                # the name, not the path: a resume or another shard may spell the path otherwise
+                "name": Path(tok.path).name if tok.path else None,
             },
             "data": data_fp,
         },
         settings=settings,
         num_shards=num_shards,
     )
-    writer = PartWriter.open(
-        Path(cfg.out),
-        identity,
-        replace=cfg.replace,
-        shard_index=shard,
-        config=resolved,
-        flush_positions=cfg.flush_positions,
-    )
-    summary = CaptureSummary(
-        out=cfg.out, part=writer.name, shard_index=shard, num_shards=num_shards
-    )
-    if not writer.committed:
+    prepare_output(Path(cfg.out), identity, replace=cfg.replace)  # refuse other settings first
+    name = part_name(shard)
+    summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
+    committed = read_json(parts_dir(Path(cfg.out)) / name / PART_RECORD) is not None
+    if not committed:
+        # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
         batches = [
             b
             for _, group in plan_sequences(resolved_cfg, tok, shard, num_shards, seq_len, stride)
@@ -588,8 +611,19 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
                 f"shard {shard} of {num_shards} got no sequence to capture from --data {cfg.data} "
                 "(too few documents for this many shards, or every document is shorter than 2 tokens)"
             )
+        writer = PartWriter(
+            Path(cfg.out),
+            identity,
+            shard_index=shard,
+            config=resolved,
+            flush_positions=cfg.flush_positions,
+        )
         _run_batches(teacher, batches, writer, device, resolved_cfg, summary)
-        record = writer.commit({"capture": {"device": str(device), "seconds": summary.seconds}})
+        t_commit = time.perf_counter()
+        record = writer.commit(
+            {"capture": {"device": str(device), "loop_seconds": summary.seconds}}
+        )
+        summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
         summary.bytes = record["bytes"]
     else:
         summary.skipped = True

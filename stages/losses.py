@@ -90,17 +90,21 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _row_count(n_rows: int, valid: Tensor | None, like: Tensor) -> Tensor:
-    """The divisor of a mean over rows, at least 1 so an all-masked batch gives 0, not NaN."""
+    """The divisor of a mean over rows: the number of rows that count (float32 scalar).
+
+    Not clamped here: under data parallelism the ranks' counts are summed first (a rank whose
+    slice has no such row adds 0, not 1); ``_masked_sum`` clamps the sum to at least 1."""
     if valid is None:
-        return torch.tensor(float(max(n_rows, 1)), device=like.device)
-    return valid.sum().clamp_min(1).float()
+        return torch.tensor(float(n_rows), device=like.device)
+    return valid.sum().float()
 
 
 def _masked_sum(values: Tensor, valid: Tensor | None, norm: Tensor) -> Tensor:
-    """sum over valid rows of values (N,), divided by norm; still on the graph if none is valid."""
+    """sum over valid rows of values (N,), divided by norm (at least 1, so an all-masked batch
+    gives 0, not NaN); still on the graph if no row is valid."""
     if valid is not None:
         values = torch.where(valid, values, 0.0)
-    return values.sum() / norm
+    return values.sum() / norm.clamp_min(1)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -603,6 +607,7 @@ def chunked_loss(
     mask: Tensor | None = None,
     labels: Tensor | None = None,
     chunk_size: int = 1024,
+    reduce_norms: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``loss(head(hidden), ...)`` without the full (N, V) logits or their gradient.
 
@@ -610,6 +615,8 @@ def chunked_loss(
     nn.Linear, or any module mapping (n, C) -> (n, V) row by row) or a weight tensor (V, C) with
     an optional ``bias`` (V,). The value and the gradients w.r.t. ``hidden`` and the head's
     parameters equal the unchunked computation; only ``chunk_size`` rows of logits are alive.
+    ``reduce_norms`` maps each local row count (the divisors of the means) to the global one
+    (an all-reduce under data parallelism), so summing the ranks' gradients gives the global mean.
     """
     if not isinstance(loss, _Loss):
         raise ConfigError(
@@ -648,6 +655,8 @@ def chunked_loss(
         )
     targets = Targets(topk_ids, topk_logprobs, log_tail, mask, labels)
     norms = loss.normalizers(targets, hidden.shape[0], hidden)
+    if reduce_norms is not None:  # data parallel: divide by the global row counts
+        norms = tuple(None if n is None else reduce_norms(n) for n in norms)
 
     def run(h: Tensor, ps: Sequence[Tensor], needs: Sequence[bool]):
         return _run_chunks(loss, head_fn, h, ps, targets, norms, chunk_size, needs)

@@ -23,7 +23,11 @@ def file_crc32c(path: Path) -> str:
 def data_files(part_dir: Path) -> list[Path]:
     """Every file of a part but its records, in a stable order."""
     skip = {PART_RECORD, PROGRESS}
-    return sorted(p for p in Path(part_dir).rglob("*") if p.is_file() and p.name not in skip)
+    return sorted(
+        p
+        for p in Path(part_dir).rglob("*")
+        if p.is_file() and p.name not in skip and not p.name.startswith(".")
+    )
 
 
 def file_table(part_dir: Path) -> dict[str, dict]:

@@ -66,12 +66,19 @@ def fsync_path(path: Path) -> None:
 
 
 def write_json_durable(path: Path, obj: Any) -> None:
-    """Write JSON, fsync the file and its directory. Readers treat a torn file as absent."""
+    """Write JSON and fsync it and its directory.
+
+    Written under a temporary name and renamed where the file system has renames (so a kill
+    never leaves a torn file there); correctness does not depend on it: readers treat a torn
+    file as absent.
+    """
     data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    with open(path, "wb") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
     fsync_path(path.parent)
 
 

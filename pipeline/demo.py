@@ -1,0 +1,245 @@
+"""``kdcache prepare`` and ``kdcache demo``: the main job on built-in data, no download.
+
+The demo runs every stage on the Python standard library's own sources:
+
+    prepare   corpus (train / held-out split by file) + a byte-level BPE tokenizer
+    teacher   the built-in GPT trained on the corpus (skipped when WORKDIR/teacher exists)
+    cache     the teacher run once over the training text (and once over the held-out text)
+    students  from that one cache: two sizes with KD, and the small one with hard labels only
+    table     held-out cross-entropy, top-1 agreement with the teacher, parameters, time
+
+Every step resumes or skips what a previous run finished, all under one work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdcache.storage.manifest import read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and budgets of one demo mode (the full one ends in <= 10 min on 2 CPU cores)."""
+
+    max_files: int | None
+    vocab_size: int
+    teacher_size: str
+    teacher_steps: int
+    teacher_seconds: float
+    block_size: int
+    cache_docs: int | None  # training documents captured (None: all)
+    k: int
+    students: tuple[tuple[str, str, str], ...]  # (run name, size, loss)
+    student_steps: int
+    batch_size: int
+
+
+FULL = DemoPlan(
+    max_files=None,
+    vocab_size=4096,
+    teacher_size="mini",
+    teacher_steps=1200,
+    teacher_seconds=240,
+    block_size=128,
+    cache_docs=None,
+    k=32,
+    students=(
+        ("kd-micro", "micro", "forward_kl"),
+        ("kd-nano", "nano", "forward_kl"),
+        ("hard-nano", "nano", "ce"),
+    ),
+    student_steps=500,
+    batch_size=16,
+)
+QUICK = DemoPlan(
+    max_files=60,
+    vocab_size=2048,
+    teacher_size="micro",
+    teacher_steps=150,
+    teacher_seconds=25,
+    block_size=64,
+    cache_docs=None,
+    k=16,
+    students=(
+        ("kd-micro", "micro", "forward_kl"),
+        ("kd-nano", "nano", "forward_kl"),
+        ("hard-nano", "nano", "ce"),
+    ),
+    student_steps=40,
+    batch_size=16,
+)
+
+
+def prepare(workdir: Path, *, max_files: int | None = None, vocab_size: int = 4096) -> dict:
+    """WORKDIR/data/{train,heldout}.jsonl + corpus.json, and WORKDIR/tokenizer (trained on train)."""
+    from kdcache.pipeline.corpus import write_corpus
+    from kdcache.stages.data import iter_documents
+    from kdcache.stages.tokenizer import (
+        make_tokenizer_info,
+        save_tokenizer,
+        train_builtin_tokenizer,
+    )
+
+    data, tok_dir = workdir / "data", workdir / "tokenizer"
+    description = read_json(data / "corpus.json")
+    wanted = {"max_files": max_files, "vocab_size": vocab_size}
+    if (
+        description is None
+        or description.get("demo") != wanted
+        or not (tok_dir / "tokenizer.json").is_file()
+    ):
+        description = write_corpus(data, max_files=max_files)
+        texts = [d.text for d in iter_documents(data / "train.jsonl")]
+        save_tokenizer(
+            make_tokenizer_info(train_builtin_tokenizer(texts, vocab_size=vocab_size)), tok_dir
+        )
+        description["demo"] = wanted
+        (data / "corpus.json").write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def teacher_eval(teacher_dir: Path, eval_cache: Path) -> dict:
+    """The teacher's own held-out metrics, computed exactly as the students' are."""
+    from kdcache.stages.adapters import load_model
+    from kdcache.stages.dataset import CacheBatches
+    from kdcache.stages.train import evaluate
+
+    teacher = load_model(str(teacher_dir))
+    batches = CacheBatches(eval_cache, batch_size=16, shuffle=False)
+    metrics = evaluate(teacher, iter(batches), torch.device("cpu"), max_batches=len(batches))
+    return {"ce": metrics["ce"], "params": sum(p.numel() for p in teacher.module.parameters())}
+
+
+def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> list[dict]:
+    """Every stage under workdir; returns the table rows (also WORKDIR/results.json)."""
+    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+    from kdcache.stages.train import TrainConfig, run_train
+
+    plan = QUICK if quick else FULL
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    say(f"prepare: stdlib corpus and a {plan.vocab_size}-token BPE tokenizer in {workdir}")
+    prepare(workdir, max_files=plan.max_files, vocab_size=plan.vocab_size)
+    data = workdir / "data"
+    teacher = workdir / "teacher"
+    teacher_metrics = read_json(teacher / "metrics.json")
+    if teacher_metrics is None or not (teacher / "model.pt").is_file():
+        say(f"teacher: training the built-in GPT ({plan.teacher_size}) on the corpus")
+        teacher_metrics = run_pretrain(
+            PretrainConfig(
+                data=str(data / "train.jsonl"),
+                tokenizer=str(workdir / "tokenizer"),
+                out=str(teacher),
+                heldout=str(data / "heldout.jsonl"),
+                size=plan.teacher_size,
+                block_size=plan.block_size,
+                steps=plan.teacher_steps,
+                max_seconds=plan.teacher_seconds,
+                progress=progress,
+            )
+        )
+    else:
+        say(f"teacher: reusing {teacher}")
+    caches = {}
+    for split in ("train", "heldout"):
+        say(f"cache: running the teacher once over the {split} text")
+        out = workdir / ("cache" if split == "train" else "cache-heldout")
+        summary = run_capture(
+            CaptureConfig(
+                teacher=str(teacher),
+                data=str(data / f"{split}.jsonl"),
+                out=str(out),
+                k=plan.k,
+                seq_len=plan.block_size,
+                stride=plan.block_size,  # plain chunks, as the teacher was trained
+                replace=True,
+                progress=progress,
+            )
+        )
+        say("  " + summary.line())
+        caches[split] = out
+    from kdcache.storage.reader import CacheReader
+
+    cache_info = CacheReader(caches["train"]).describe()
+    rows = [
+        {
+            "model": "teacher",
+            **teacher_eval(teacher, caches["heldout"]),
+            "top1_agreement": 1.0,
+            "train_seconds": teacher_metrics["train_seconds"],
+            "loss": "ce (pretraining)",
+        }
+    ]
+    for name, size, loss in plan.students:
+        say(f"student {name}: {size} with {loss} from the cache")
+        m = run_train(
+            TrainConfig(
+                cache=str(caches["train"]),
+                student=size,
+                out=str(workdir / "runs" / name),
+                loss=loss,
+                steps=plan.student_steps,
+                batch_size=plan.batch_size,
+                warmup=max(1, plan.student_steps // 10),
+                eval_cache=str(caches["heldout"]),
+                eval_every=max(1, plan.student_steps // 5),
+                eval_batches=10_000,
+                checkpoint_every=max(1, plan.student_steps // 2),
+                progress=progress,
+            )
+        )
+        rows.append(
+            {
+                "model": name,
+                "ce": m["eval"]["ce"],
+                "top1_agreement": m["eval"]["top1_agreement"],
+                "params": m["params"],
+                "train_seconds": m["train_seconds"],
+                "loss": loss,
+            }
+        )
+    result = {
+        "rows": rows,
+        "cache": {
+            "bytes": cache_info["bytes_on_disk"],
+            "positions": cache_info["num_positions"],
+            "bytes_per_position": cache_info["bytes_per_position"],
+            "k": cache_info["k"],
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+    (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    return rows
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        "| model | loss | held-out CE | top-1 agreement with teacher | parameters | training time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['loss']} | {r['ce']:.3f} | {r['top1_agreement']:.3f} | {r['params']:,} | {r['train_seconds']:.0f} s |"
+        )
+    c = result["cache"]
+    lines.append(
+        f"\ncache: {c['positions']:,} positions, k={c['k']}, {c['bytes'] / 1e6:.1f} MB, "
+        f"{c['bytes_per_position']:.1f} bytes/position; demo took {result['seconds']:.0f} s"
+    )
+    return "\n".join(lines)
