@@ -376,7 +376,7 @@ def prepare(workdir: Path, max_files: int, vocab_size: int) -> None:
     d = _prepare(workdir, max_files=max_files or None, vocab_size=vocab_size)
     tr, ho = d["splits"]["train"], d["splits"]["heldout"]
     click.echo(
-        f"{workdir}/data: train {tr['files']} files ({tr['bytes'] / 1e6:.1f} MB), held-out {ho['files']} files; tokenizer {vocab_size} tokens"
+        f"{workdir}/data: train {tr['num_files']} files ({tr['total_bytes'] / 1e6:.1f} MB), held-out {ho['num_files']} files; tokenizer {vocab_size} tokens"
     )
 
 

@@ -86,6 +86,17 @@ def is_heldout(source: str, heldout_percent: int) -> bool:
     return int(hashlib.sha256(source.encode("utf-8")).hexdigest(), 16) % 100 < heldout_percent
 
 
+def heldout_sources(sources: list[str], heldout_percent: int) -> set[str]:
+    """The held-out files of a sample: ``is_heldout``, or (a small sample where that picks none)
+    the one file whose path hashes lowest, so both splits are non-empty from 2 files up."""
+    held = {s for s in sources if is_heldout(s, heldout_percent)}
+    if not held and heldout_percent > 0 and len(sources) >= 2:
+        held = {
+            min(sources, key=lambda s: int(hashlib.sha256(s.encode("utf-8")).hexdigest(), 16) % 100)
+        }
+    return held
+
+
 def _validate(split: str, max_files: Any, max_bytes: Any, heldout_percent: Any) -> None:
     problems = []
     if split not in SPLITS:
@@ -134,11 +145,13 @@ def builtin_corpus(
     The caps bound the whole sample (train + held-out together); the split is taken inside it.
     """
     _validate(split, max_files, max_bytes, heldout_percent)
-    docs = []
-    for source, data in _select(max_files, max_bytes, stdlib_root()):
-        if split == "all" or (split == "heldout") == is_heldout(source, heldout_percent):
-            docs.append(CorpusDocument(source=source, text=data.decode("utf-8")))
-    return docs
+    sample = _select(max_files, max_bytes, stdlib_root())
+    held = heldout_sources([source for source, _ in sample], heldout_percent)
+    return [
+        CorpusDocument(source=source, text=data.decode("utf-8"))
+        for source, data in sample
+        if split == "all" or (split == "heldout") == (source in held)
+    ]
 
 
 def corpus_fingerprint(
@@ -204,9 +217,8 @@ def write_corpus(
     everything = builtin_corpus("all", **settings)
     description: dict[str, Any] = {"format": "kdcache-corpus", "version": 1, "splits": {}}
     for split in ("train", "heldout"):
-        docs = [
-            d for d in everything if (split == "heldout") == is_heldout(d.source, heldout_percent)
-        ]
+        held = heldout_sources([d.source for d in everything], heldout_percent)
+        docs = [d for d in everything if (split == "heldout") == (d.source in held)]
         _write_jsonl(folder / f"{split}.jsonl", docs)
         description["splits"][split] = {
             "file": f"{split}.jsonl",

@@ -36,7 +36,6 @@ class DemoPlan:
     teacher_steps: int
     teacher_seconds: float
     block_size: int
-    cache_docs: int | None  # training documents captured (None: all)
     k: int
     students: tuple[tuple[str, str, str], ...]  # (run name, size, loss)
     student_steps: int
@@ -44,17 +43,16 @@ class DemoPlan:
 
 
 FULL = DemoPlan(
-    max_files=None,
+    max_files=150,
     vocab_size=4096,
     teacher_size="mini",
-    teacher_steps=1200,
-    teacher_seconds=240,
+    teacher_steps=2000,
+    teacher_seconds=210,
     block_size=128,
-    cache_docs=None,
-    k=32,
+    k=64,
     students=(
-        ("kd-micro", "micro", "forward_kl"),
-        ("kd-nano", "nano", "forward_kl"),
+        ("kd-micro", "micro", "forward_kl_tail"),
+        ("kd-nano", "nano", "forward_kl_tail"),
         ("hard-nano", "nano", "ce"),
     ),
     student_steps=500,
@@ -67,11 +65,10 @@ QUICK = DemoPlan(
     teacher_steps=150,
     teacher_seconds=25,
     block_size=64,
-    cache_docs=None,
     k=16,
     students=(
-        ("kd-micro", "micro", "forward_kl"),
-        ("kd-nano", "nano", "forward_kl"),
+        ("kd-micro", "micro", "forward_kl_tail"),
+        ("kd-nano", "nano", "forward_kl_tail"),
         ("hard-nano", "nano", "ce"),
     ),
     student_steps=40,
