@@ -240,10 +240,11 @@ def _train(cache: Path, size: str, vocab: int, teacher: GPT | None, steps: int) 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = TrainConfig(cache=str(cache), student=size, out="/tmp/unused")
     loss_fn = build_loss("forward_kl")
-    it = iter(CacheBatches(cache, batch_size=16, seed=0))
+    ds = CacheBatches(cache, batch_size=16, seed=0)
+    batches = (b for epoch in range(10**6) if ds.set_position(epoch, 0) is None for b in iter(ds))
     t = time.perf_counter()
     for _ in range(steps):
-        batch = next(it)
+        batch = next(batches)
         opt.zero_grad()
         if teacher is None:
             loss = batch_loss(student, loss_fn, batch, cfg)
