@@ -233,7 +233,6 @@ def plan_sequences(
     Document i belongs to group i // group_docs; group g belongs to shard g % num_shards.
     """
     assistant = cfg.targets_on == "assistant"
-    group: list[Planned] = []
     current = -1
     pieces: list[tuple[int, np.ndarray, np.ndarray]] = []  # (sample id, ids, mask)
 
@@ -278,7 +277,6 @@ def plan_sequences(
         raise ConfigError(
             f"--data {cfg.data} holds no documents; expected at least one non-empty file or record"
         )
-    del group
 
 
 def _pack(pieces: list[tuple[int, np.ndarray, np.ndarray]], seq_len: int) -> list[Planned]:

@@ -44,8 +44,7 @@ def _make_distinct(ranks: np.ndarray, vocab: int) -> np.ndarray:
     k = ranks.shape[1]
     r = np.maximum(ranks, np.arange(k)[None, :])
     r = np.maximum.accumulate(r - np.arange(k)[None, :], axis=1) + np.arange(k)[None, :]
-    over = r[:, -1] - (vocab - 1)
-    return r - np.maximum(over, 0)[:, None]
+    return np.minimum(r, vocab - k + np.arange(k)[None, :])  # still strictly increasing, >= 0
 
 
 def synthetic_block(
