@@ -557,12 +557,16 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
             f"--pack needs a teacher that resets attention at document boundaries; {cfg.teacher} does not accept "
             "position ids with a block-diagonal mask (it gave other logits for a packed document); drop --pack"
         )
+    head_precision = cfg.head_precision
+    if head_precision == "auto" or device.type != "cuda":  # tf32 exists on CUDA only
+        head_precision = "tf32" if device.type == "cuda" else "float32"
     resolved = {
         **asdict(cfg),
         "seq_len": seq_len,
         "stride": stride,
         "shard_index": shard,
         "num_shards": num_shards,
+        "head_precision": head_precision,
     }
     resolved_cfg = CaptureConfig(**resolved)
     settings = resolved_cfg.stored_settings()

@@ -114,9 +114,10 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
 
     def identity(self) -> dict:
-        """What must match for a rerun to resume a run directory."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("progress", "device", "out")}
-        return keep
+        """What must match for a rerun to resume a run directory (how often it evaluates or
+        checkpoints, and where it runs, may change)."""
+        free = ("progress", "device", "out", "eval_every", "eval_batches", "checkpoint_every")
+        return {k: v for k, v in asdict(self).items() if k not in free}
 
 
 # -- student ---------------------------------------------------------------------------------
@@ -364,6 +365,8 @@ def run_train(cfg: TrainConfig) -> dict:
         raise ConfigError(
             f"--k {cfg.k} exceeds the cache's k={cache.k}; use --k <= {cache.k} or recapture"
         )
+    if cfg.eval_cache:
+        _check_same_tokens(cache, CacheReader(cfg.eval_cache), cfg)
     loss_fn = build_loss(
         cfg.loss, temperature=cfg.temperature, k=cfg.k, alpha=cfg.alpha, beta=cfg.beta
     )
@@ -581,6 +584,20 @@ def run_train(cfg: TrainConfig) -> dict:
         _save_student(student, out / "student")
         write_json_durable(out / "metrics.json", metrics)
     return metrics
+
+
+def _check_same_tokens(cache: CacheReader, eval_cache: CacheReader, cfg: TrainConfig) -> None:
+    """The evaluation cache must speak the training cache's tokenizer and vocabulary."""
+    fp = [
+        (c.manifest["fingerprints"].get("tokenizer") or {}).get("sha256")
+        for c in (cache, eval_cache)
+    ]
+    if fp[0] != fp[1] or eval_cache.vocab_size > cache.vocab_size:
+        raise ConfigError(
+            f"--eval-cache {cfg.eval_cache} was made with another tokenizer or vocabulary "
+            f"(tokenizer {str(fp[1])[:12]}, vocabulary {eval_cache.vocab_size:,}) than --cache "
+            f"(tokenizer {str(fp[0])[:12]}, vocabulary {cache.vocab_size:,}); capture it with the same teacher"
+        )
 
 
 def _longest(cache: CacheReader) -> int:

@@ -42,3 +42,23 @@ def test_chunked_head_equals_one_chunk():
     many = extract_rows(h, w, b, 16, chunk_rows=77)
     for x, y in zip(one, many, strict=True):
         assert torch.equal(x, y)
+
+
+def test_capture_records_the_head_precision_it_used(tmp_path, gpt_teacher, corpus):
+    """auto resolves to float32 on CPU (tf32 exists on CUDA only) and is stored resolved."""
+    import json
+
+    from kdcache.stages.capture import CaptureConfig, run_capture
+
+    (tmp_path / "d.txt").write_text(corpus["train"][0][:2000])
+    run_capture(
+        CaptureConfig(
+            teacher=str(gpt_teacher),
+            data=str(tmp_path / "d.txt"),
+            out=str(tmp_path / "c"),
+            k=4,
+            progress=False,
+        )
+    )
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["head_precision"] == "float32"

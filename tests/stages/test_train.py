@@ -448,6 +448,14 @@ def _empty_cache(tmp, captured, tok_dir):
     return dict(cache=synthetic_cache(tmp / "c", [[]]))
 
 
+def _eval_cache_other_tokenizer(tmp, captured, tok_dir):
+    other = synthetic_cache(tmp / "e", [lengths(8)], tokenizer={"sha256": "another"})
+    return dict(
+        cache=synthetic_cache(tmp / "c", [lengths(8)], tokenizer={"sha256": "this"}),
+        eval_cache=other,
+    )
+
+
 def _plain(**options):
     def make(tmp, captured, tok_dir):
         return dict(cache=synthetic_cache(tmp / "c", [lengths(8)]), **options)
@@ -472,6 +480,10 @@ BAD_INPUT = {
     "empty cache": (_empty_cache, ["holds no sequences"]),
     "ce with alpha": (_plain(loss="ce", alpha=0.5), ["no alpha with --loss ce"]),
     "device": (_plain(device="tpu"), ["--device"]),
+    "eval cache with another tokenizer": (
+        _eval_cache_other_tokenizer,
+        ["--eval-cache", "another tokenizer"],
+    ),
 }
 
 
