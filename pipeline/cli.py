@@ -40,6 +40,15 @@ def main(verbose: int) -> None:
 CACHE_ARG = click.argument("cache", type=click.Path(path_type=Path))
 
 
+def _codec_error(e: dict | None) -> str:
+    if e is None:
+        return "none (plain codec: stored as captured)"
+    return (
+        f"reconstruction KL mean {e['kl_mean']:.2e}, p99 {e['kl_p99']:.2e}, max {e['kl_max']:.2e} nats "
+        f"over {e['rows']:,} rows"
+    )
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -128,6 +137,14 @@ def _shard_index(value: str) -> int | str:
     default="float16",
     show_default=True,
     help="Storage type of the top-k log-probs.",
+)
+@click.option(
+    "--codec",
+    type=click.Choice(["plain", "sorted-q8", "sorted-q10", "sorted-q12"]),
+    default="plain",
+    show_default=True,
+    help="Top-k encoding: plain, or ids sorted and delta-coded with probabilities quantized to "
+    "8 / 10 / 12 bits (bounded error, measured and recorded; see docs/FORMAT.md).",
 )
 @click.option(
     "--num-shards",
@@ -503,8 +520,10 @@ def inspect(cache: Path, as_json: bool) -> None:
         ("positions", f"{d['num_positions']:,} ({d['num_target_rows']:,} with targets)"),
         (
             "size on disk",
-            f"{_human_bytes(d['bytes_on_disk'])} ({d['bytes_per_position']:.1f} bytes/position)",
+            f"{_human_bytes(d['bytes_on_disk'])} ({d['bytes_per_position']:.1f} bytes/position, "
+            f"{d['bytes_per_entry']:.2f} bytes per top-k entry)",
         ),
+        ("codec error", _codec_error(d["codec_error"])),
         ("parts", f"{len(d['parts'])}"),
         ("teacher", json.dumps(d["teacher"], sort_keys=True)),
         ("tokenizer", json.dumps(d["tokenizer"], sort_keys=True)),
@@ -560,15 +579,21 @@ def finalize(cache: Path) -> None:
     help="Backend of the new cache.",
 )
 @click.option(
+    "--codec",
+    type=click.Choice(["plain", "sorted-q8", "sorted-q10", "sorted-q12"]),
+    default=None,
+    help="Re-encode the top-k with this codec (default: keep the source's); see docs/FORMAT.md.",
+)
+@click.option(
     "--replace",
     is_flag=True,
     help="If OUT holds a cache made with other settings, delete it first.",
 )
-def convert(cache: Path, out: Path, backend: str, replace: bool) -> None:
-    """Rewrite CACHE into OUT with another backend (contents bit-identical)."""
+def convert(cache: Path, out: Path, backend: str, codec: str | None, replace: bool) -> None:
+    """Rewrite CACHE into OUT with another backend or codec (same codec: bit-identical contents)."""
     from kdcache.storage.convert import convert_cache
 
-    m = convert_cache(cache, out, backend, replace_out=replace)
+    m = convert_cache(cache, out, backend, codec=codec, replace_out=replace)
     click.echo(
         f"{out}: {m['totals']['positions']:,} positions, {_human_bytes(m['bytes_on_disk'])} ({backend})"
     )

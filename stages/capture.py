@@ -77,6 +77,7 @@ class CaptureConfig:
     add_eos: bool = True
     backend: str = "zarr"
     logprob_dtype: str = "float16"
+    codec: str = "plain"  # plain | sorted-q8 | sorted-q12 (kdcache.storage.codecs)
     num_shards: int = 1
     shard_index: int | str = 0  # or "env": SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE
     batch_tokens: int = 16384  # padded tokens per teacher batch
@@ -580,6 +581,7 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
         vocab_size=teacher.vocab_size,
         logprob_dtype=cfg.logprob_dtype,
         targets_on="mask" if cfg.targets_on == "assistant" else "all",
+        codec=cfg.codec,
     )
     identity = CacheIdentity(
         backend=cfg.backend,

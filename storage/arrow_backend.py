@@ -38,7 +38,7 @@ OFFSETS_FOR = {
 
 
 def arrow_schema(schema: CacheSchema) -> pa.Schema:
-    dt = schema.array_dtypes()
+    dt = schema.stored_dtypes()
 
     def prim(name: str) -> pa.DataType:
         return pa.from_numpy_dtype(dt[name])

@@ -1,7 +1,8 @@
-"""Rewrite a cache from one backend to the other, part by part (same identity otherwise)."""
+"""Rewrite a cache with another backend or codec, part by part (same identity otherwise)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kdcache.storage.manifest import CacheIdentity, finalize
@@ -11,18 +12,26 @@ from kdcache.storage.writer import PartWriter
 
 
 def convert_cache(
-    src: Path, dst: Path, backend: str, *, block_sequences: int = 256, replace_out: bool = False
+    src: Path,
+    dst: Path,
+    backend: str,
+    *,
+    codec: str | None = None,
+    block_sequences: int = 256,
+    replace_out: bool = False,
 ) -> dict:
-    """Copy every sequence of src into a new cache at dst stored with ``backend``.
+    """Copy every sequence of src into a new cache at dst stored with ``backend`` (and ``codec``,
+    default: the source's).
 
-    Parts keep their names and shard indices; the resulting cache reads back bit-identical.
+    Parts keep their names and shard indices; with the same codec the result reads back
+    bit-identical; another codec re-encodes (its error against the source is recorded).
     Returns the new manifest.
     """
     cache = CacheReader(src)
     m = cache.manifest
     identity = CacheIdentity(
         backend=backend,
-        schema=CacheSchema.from_dict(m["schema"]),
+        schema=replace(CacheSchema.from_dict(m["schema"]), **({"codec": codec} if codec else {})),
         fingerprints=m["fingerprints"],
         settings=m["settings"],
         num_shards=m["num_shards"],

@@ -240,6 +240,7 @@ def finalize(root: Path) -> dict:
                 "bytes": rec["bytes"],
                 "tokens_sha256": rec["tokens_sha256"],
                 "created": rec["created"],
+                **({"codec_error": rec["codec_error"]} if "codec_error" in rec else {}),
             }
         )
         for key in totals:

@@ -16,9 +16,26 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.storage.base import BackendReader, get_backend
+from kdcache.storage.codecs import get_codec
 from kdcache.storage.errors import IntegrityError
 from kdcache.storage.manifest import PART_RECORD, load_manifest, parts_dir, read_json
 from kdcache.storage.schema import Block, CacheSchema, Sequence
+
+
+class DecodedPart:
+    """A part's backend reader seen through the cache's codec: reads return logical blocks."""
+
+    def __init__(self, stored: BackendReader, schema: CacheSchema) -> None:
+        self.stored, self.schema = stored, schema
+        self.codec = get_codec(schema.codec)
+        self.record, self.num_sequences, self.part_dir = (
+            stored.record,
+            stored.num_sequences,
+            stored.part_dir,
+        )
+
+    def read(self, start: int, stop: int) -> Block:
+        return self.codec.decode(self.stored.read(start, stop), self.schema)
 
 
 class CacheReader:
@@ -33,7 +50,7 @@ class CacheReader:
         counts = [int(p["counts"]["sequences"]) for p in self.manifest["parts"]]
         # (P+1,) global index of each part's first sequence.
         self.part_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._parts: dict[int, BackendReader] = {}
+        self._parts: dict[int, DecodedPart] = {}
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -64,7 +81,7 @@ class CacheReader:
         return self.num_sequences
 
     # -- reading -----------------------------------------------------------------------------
-    def part(self, index: int) -> BackendReader:
+    def part(self, index: int) -> DecodedPart:
         if index not in self._parts:
             name = self.part_names[index]
             record = read_json(parts_dir(self.root) / name / PART_RECORD)
@@ -74,9 +91,8 @@ class CacheReader:
                     f"{self.root}: part {name} does not match the manifest (counts {listed['counts']}); "
                     f"rerun `kdcache finalize {self.root}`"
                 )
-            self._parts[index] = self.backend.reader(
-                parts_dir(self.root) / name, self.schema, record
-            )
+            stored = self.backend.reader(parts_dir(self.root) / name, self.schema, record)
+            self._parts[index] = DecodedPart(stored, self.schema)
         return self._parts[index]
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -146,6 +162,8 @@ class CacheReader:
             "num_target_rows": self.num_rows,
             "bytes_on_disk": nbytes,
             "bytes_per_position": nbytes / self.num_positions if self.num_positions else 0.0,
+            "bytes_per_entry": nbytes / (self.num_rows * self.k) if self.num_rows else 0.0,
+            "codec_error": _merge_codec_error(m["parts"]),
             "teacher": m["fingerprints"].get("teacher"),
             "tokenizer": m["fingerprints"].get("tokenizer"),
             "data": m["fingerprints"].get("data"),
@@ -154,6 +172,20 @@ class CacheReader:
             "kdcache_version": m["kdcache_version"],
             "created": m["created"],
         }
+
+
+def _merge_codec_error(parts: list[dict]) -> dict | None:
+    """The reconstruction KL over all parts (mean weighted by rows; p99 and max: the worst part's)."""
+    errs = [p["codec_error"] for p in parts if "codec_error" in p]
+    if not errs:
+        return None
+    rows = sum(e["rows"] for e in errs)
+    return {
+        "rows": rows,
+        "kl_mean": sum(e["kl_mean"] * e["rows"] for e in errs) / max(rows, 1),
+        "kl_p99": max(e["kl_p99"] for e in errs),
+        "kl_max": max(e["kl_max"] for e in errs),
+    }
 
 
 def open_cache(root: str | Path) -> CacheReader:

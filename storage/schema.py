@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 LOGPROB_DTYPES = ("float16", "float32")
 TARGETS_ON = ("all", "mask")
 TARGET_KINDS = ("topk",)
-CODECS = ("plain",)
+CODECS = ("plain", "sorted-q8", "sorted-q10", "sorted-q12")  # kdcache.storage.codecs
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
@@ -88,6 +88,12 @@ class CacheSchema:
                 "upgrade kdcache to read this cache"
             )
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def stored_dtypes(self) -> dict[str, np.dtype]:
+        """What the backends store: the logical dtypes as the codec changes them."""
+        from kdcache.storage.codecs import get_codec
+
+        return get_codec(self.codec).stored_dtypes(self)
 
     def array_dtypes(self) -> dict[str, np.dtype]:
         """Storage dtype of every logical array (the flat ones and the per-sequence ones)."""

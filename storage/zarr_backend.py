@@ -30,7 +30,7 @@ OFFSET_ARRAYS = tuple(OFFSETS_OF_AXIS.values())  # seq_offsets, row_offsets, doc
 
 def _array_specs(schema: CacheSchema) -> dict[str, tuple[np.dtype, tuple[int, ...], str]]:
     """name -> (dtype, inner shape, axis) for every stored array."""
-    dtypes = schema.array_dtypes()
+    dtypes = schema.stored_dtypes()
     specs = {
         name: (dtypes[name], (schema.k,) if name in ("topk_ids", "topk_logprobs") else (), axis)
         for name, axis in AXIS_OF.items()

@@ -1,0 +1,139 @@
+"""Array codecs: transforms between the logical top-k arrays and what the backends store.
+
+They sit above the backends (both get them): the part writer encodes every block before the
+backend stores it, and the cache reader decodes every block the backend loads, so readers always
+see the logical schema (ids in probability order, log-probs in the schema's dtype).
+
+``plain``        stores the logical arrays as they are.
+``sorted-qB``    (B = 8, 10 or 12) per row: ids sorted ascending and delta-coded (first id, then the
+                 gaps, all >= 1) so that zstd sees small numbers; probabilities quantized as
+                 q = round(sqrt(p / m) * (2^B - 1)), clamped to >= 1, where m = the row's top-k
+                 mass, stored in sorted-id order as uint8 / uint16. Decoding:
+                 p = m * (q / (2^B - 1))^2 / sum((q / (2^B - 1))^2): the top-k mass is exact (it
+                 is stored in log_tail, float32), and the within-top-k distribution carries an
+                 error of at most half a step in sqrt-probability per entry: a KL of about
+                 k / (6 (2^B - 1)^2) nats at most on average (measured per part and recorded as
+                 ``codec_error`` in part.json). Probability order is restored by sorting on q
+                 (descending), ties by id (ascending).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdcache.storage.schema import Block, CacheSchema
+
+
+class Codec:
+    name = "plain"
+
+    def stored_dtypes(self, schema: CacheSchema) -> dict[str, np.dtype]:
+        return schema.array_dtypes()
+
+    def encode(self, block: Block, schema: CacheSchema) -> Block:
+        return block
+
+    def decode(self, block: Block, schema: CacheSchema) -> Block:
+        return block
+
+
+class SortedQuantized(Codec):
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.name = f"sorted-q{bits}"
+        self.levels = 2**bits - 1
+        self.dtype = np.dtype(np.uint8 if bits <= 8 else np.uint16)
+
+    def stored_dtypes(self, schema: CacheSchema) -> dict[str, np.dtype]:
+        return {**schema.array_dtypes(), "topk_logprobs": self.dtype}
+
+    def encode(self, block: Block, schema: CacheSchema) -> Block:
+        ids = block.topk_ids  # (R, k) probability order
+        sorted_ids, order = _sort_rows(ids.astype(np.int64))  # ascending ids, their columns
+        gaps = np.diff(sorted_ids, axis=1, prepend=0)  # first id absolute, then gaps >= 1
+        p = np.exp(np.take_along_axis(block.topk_logprobs, order, axis=1).astype(np.float64))
+        mass = p.sum(axis=1, keepdims=True)
+        q = np.rint(np.sqrt(p / np.maximum(mass, 1e-300)) * self.levels)
+        q = np.clip(q, 1, self.levels).astype(self.dtype)
+        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
+
+    def decode(self, block: Block, schema: CacheSchema) -> Block:
+        if block.num_rows == 0:
+            return _replace(block, topk_logprobs=block.topk_logprobs.astype(schema.logprob_dtype))
+        sorted_ids = _row_cumsum(
+            block.topk_ids, np.int64 if schema.vocab_size > 2**24 else np.int32
+        )
+        # Probability order: q descending, ties by id ascending (the column in sorted-id order).
+        neg_q, order = _sort_rows(self.levels - block.topk_logprobs.astype(np.int32))
+        ids = np.take_along_axis(sorted_ids, order, axis=1)
+        s = (self.levels - neg_q).astype(np.float32) * np.float32(1 / self.levels)
+        s2 = s * s
+        tail = block.log_tail[:, None].astype(np.float64)
+        log_mass = np.log(np.maximum(-np.expm1(tail), 0.0)).astype(np.float32)  # exact top-k mass
+        with np.errstate(divide="ignore"):
+            lp = np.log(s2) - np.log(s2.sum(axis=1, keepdims=True)) + log_mass
+        return _replace(
+            block,
+            topk_ids=ids.astype(schema.id_dtype),
+            topk_logprobs=lp.astype(schema.logprob_dtype),
+        )
+
+
+def _row_cumsum(gaps: np.ndarray, dtype) -> np.ndarray:
+    """Cumulative sum along each row, as one pass over the flat array (numpy's axis=1 cumsum
+    over short rows is several times slower)."""
+    R, k = gaps.shape
+    flat = np.cumsum(gaps.reshape(-1), dtype=np.int64)
+    before = np.concatenate([[0], flat[k - 1 :: k][:-1]])  # (R,) sum of all earlier rows
+    return (flat.reshape(R, k) - before[:, None]).astype(dtype, copy=False)
+
+
+def _sort_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of (R, k) non-negative integers sorted ascending (ties: by column), and the
+    columns they came from: one vectorized sort of packed (value, column) keys, no argsort."""
+    k = values.shape[1]
+    shift = max(1, int(k - 1).bit_length())
+    small = int(values.max(initial=0)) < 2 ** (31 - shift)
+    dtype = np.int32 if small else np.int64
+    keys = (values.astype(dtype) << shift) | np.arange(k, dtype=dtype)
+    keys.sort(axis=1)
+    return keys >> shift, keys & ((1 << shift) - 1)
+
+
+def _replace(block: Block, **arrays: np.ndarray) -> Block:
+    fields = dict(block.__dict__)
+    fields.update(arrays)
+    return Block(**fields)
+
+
+CODECS: dict[str, Codec] = {
+    c.name: c for c in (Codec(), SortedQuantized(8), SortedQuantized(10), SortedQuantized(12))
+}
+
+
+def get_codec(name: str) -> Codec:
+    from kdcache.storage.errors import ConfigError
+
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; expected one of {sorted(CODECS)}")
+    return CODECS[name]
+
+
+def reconstruction_kl(exact: Block, decoded: Block) -> np.ndarray:
+    """(R,) KL(exact || decoded) of the renormalized top-k distributions, in nats."""
+    if exact.num_rows == 0:
+        return np.zeros(0)
+
+    def dist(b: Block) -> dict:
+        lp = b.topk_logprobs.astype(np.float64)
+        lp = lp - np.logaddexp.reduce(lp, axis=1, keepdims=True)
+        return b.topk_ids.astype(np.int64), lp
+
+    ids_e, lp_e = dist(exact)
+    ids_d, lp_d = dist(decoded)
+    # Align the decoded entries with the exact ones by id (both rows hold the same id set).
+    oe, od = np.argsort(ids_e, axis=1), np.argsort(ids_d, axis=1)
+    lp_e = np.take_along_axis(lp_e, oe, axis=1)
+    lp_d = np.take_along_axis(lp_d, od, axis=1)
+    p = np.exp(lp_e)
+    return np.where(p > 0, p * (lp_e - lp_d), 0.0).sum(axis=1)
