@@ -139,6 +139,22 @@ def _shard_index(value: str) -> int | str:
     help="Storage type of the top-k log-probs.",
 )
 @click.option(
+    "--targets",
+    type=click.Choice(["topk", "sampled"]),
+    default="topk",
+    show_default=True,
+    help="topk: the k most likely ids per position (biased toward the head); sampled: --samples "
+    "draws from the teacher per position, stored as unique ids with counts (unbiased; train with "
+    "--loss sampled_ce).",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Draws per position with --targets sampled (seeded by sample id and position).",
+)
+@click.option(
     "--codec",
     type=click.Choice(["plain", "sorted-q8", "sorted-q10", "sorted-q12"]),
     default="plain",
@@ -197,6 +213,9 @@ def cache(**opts) -> None:
     from kdcache.stages.capture import CaptureConfig, run_capture
 
     opts["shard_index"] = _shard_index(opts["shard_index"])
+    samples = opts.pop("samples")
+    if opts["targets"] == "sampled":
+        opts["k"] = samples  # a row holds up to N unique draws
     opts["progress"] = not opts.pop("no_progress")
     for key in ("data", "out"):
         opts[key] = str(opts[key])
@@ -224,10 +243,12 @@ def cache(**opts) -> None:
 )
 @click.option(
     "--loss",
-    type=click.Choice(["forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce"]),
+    type=click.Choice(["forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "sampled_ce", "ce"]),
     default="forward_kl",
     show_default=True,
-    help="forward_kl: KL to the renormalized top-k; forward_kl_tail: with a (k+1)-th rest bucket; reverse_kl; jsd; ce: hard labels only.",
+    help="forward_kl: KL to the renormalized top-k; forward_kl_tail: with a (k+1)-th rest bucket; "
+    "reverse_kl; jsd; sampled_ce: cross-entropy on sampled targets (caches made with --targets "
+    "sampled); ce: hard labels only.",
 )
 @click.option(
     "--alpha", type=float, default=None, help="Mix: alpha * KD + (1 - alpha) * hard-label CE."

@@ -40,6 +40,7 @@ from kdcache.stages.extract import (
     default_chunk_rows,
     extract_from_logits,
     extract_rows,
+    row_seeds,
 )
 from kdcache.stages.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.errors import ConfigError, MissingPartError
@@ -77,7 +78,8 @@ class CaptureConfig:
     add_eos: bool = True
     backend: str = "zarr"
     logprob_dtype: str = "float16"
-    codec: str = "plain"  # plain | sorted-q8 | sorted-q12 (kdcache.storage.codecs)
+    codec: str = "plain"  # plain | sorted-q8 | sorted-q10 | sorted-q12 (kdcache.storage.codecs)
+    targets: str = "topk"  # topk: the k most likely ids; sampled: k draws per row (unbiased)
     num_shards: int = 1
     shard_index: int | str = 0  # or "env": SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE
     batch_tokens: int = 16384  # padded tokens per teacher batch
@@ -101,6 +103,8 @@ class CaptureConfig:
             p.append(
                 f"--stride {self.stride} exceeds --seq-len {self.seq_len}; windows would skip tokens"
             )
+        if self.targets not in ("topk", "sampled"):
+            p.append(f"--targets must be 'topk' or 'sampled', got {self.targets!r}")
         if self.targets_on not in ("all", "assistant"):
             p.append(f"--targets-on must be 'all' or 'assistant', got {self.targets_on!r}")
         if self.backend not in ("zarr", "arrow"):
@@ -377,6 +381,11 @@ def teacher_rows(
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullctx()
     chunk = cfg.chunk_rows or default_chunk_rows(device)
+    seeds = None
+    if cfg.targets == "sampled":  # draws seeded by (sample id, position) of each target row
+        sid = torch.tensor(np.array([s.sample_id for s in batch], np.uint64).view(np.int64))
+        where = rows.nonzero().cpu()  # (n, 2) (sequence, position), the order of h[rows]
+        seeds = row_seeds(sid[where[:, 0]], where[:, 1]).to(device)
     if teacher.has_head:
         with autocast:
             h = teacher.hidden(
@@ -384,14 +393,20 @@ def teacher_rows(
             )  # (B, T, C)
         head = teacher.head_module
         out = extract_rows(
-            h[rows], head.weight, head.bias, cfg.k, chunk, tf32=cfg.head_precision == "tf32"
+            h[rows],
+            head.weight,
+            head.bias,
+            cfg.k,
+            chunk,
+            tf32=cfg.head_precision == "tf32",
+            seeds=seeds,
         )
     else:
         with autocast:
             logits = teacher.logits(
                 ids, position_ids=pos, segment_ids=seg, attention_mask=mask
             )  # (B, T, V)
-        out = extract_from_logits(logits[rows], cfg.k, chunk)
+        out = extract_from_logits(logits[rows], cfg.k, chunk, seeds=seeds)
     top_ids, lp, tail, finite = out
     id_dtype = (
         torch.int32 if teacher.vocab_size > 2**15 else torch.int16
@@ -581,6 +596,7 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
         vocab_size=teacher.vocab_size,
         logprob_dtype=cfg.logprob_dtype,
         targets_on="mask" if cfg.targets_on == "assistant" else "all",
+        targets=cfg.targets,
         codec=cfg.codec,
     )
     identity = CacheIdentity(

@@ -82,8 +82,10 @@ def extract_rows(
     k: int,
     chunk_rows: int = 4096,
     tf32: bool = False,
+    seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of ``hidden (n, C) @ weight.T (V, C) + bias`` in float32, ``chunk_rows`` rows at a time.
+    """Targets of ``hidden (n, C) @ weight.T (V, C) + bias`` in float32, ``chunk_rows`` rows at a
+    time: the top-k, or (``seeds`` (n,) given) k draws per row (``sample_from_logits``).
 
     Returns ids (n, k) int64, logprobs (n, k) float32, log_tail (n,) float32, finite (n,) bool.
     ``tf32``: let CUDA tensor cores do the head matmul (float32 in and out, 10-bit mantissa
@@ -92,7 +94,17 @@ def extract_rows(
     w = weight.float()
     b = bias.float() if bias is not None else None
     with _tf32(tf32):
-        return _extract_chunks(hidden, w, b, k, chunk_rows)
+        return _chunks(
+            lambda i, j: F.linear(hidden[i:j].float(), w, b), len(hidden), k, chunk_rows, seeds
+        )
+
+
+@torch.inference_mode()
+def extract_from_logits(
+    logits: torch.Tensor, k: int, chunk_rows: int = 4096, seeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same targets from logits (n, V) the model already computed, in float32 chunks."""
+    return _chunks(lambda i, j: logits[i:j].float().clone(), len(logits), k, chunk_rows, seeds)
 
 
 class _tf32:
@@ -108,27 +120,70 @@ class _tf32:
         return False
 
 
-def _extract_chunks(hidden, w, b, k, chunk_rows):
-    outs = [
-        topk_from_logits(F.linear(hidden[i : i + chunk_rows].float(), w, b), k)
-        for i in range(0, len(hidden), chunk_rows)
-    ]
+def _chunks(logits_of, n: int, k: int, chunk_rows: int, seeds: torch.Tensor | None):
+    """Run the target selection over rows [i, i + chunk_rows): logits_of(i, j) -> (j - i, V) float32."""
+    outs = []
+    for i in range(0, n, chunk_rows):
+        j = min(i + chunk_rows, n)
+        z = logits_of(i, j)
+        outs.append(
+            topk_from_logits(z, k) if seeds is None else sample_from_logits(z, k, seeds[i:j])
+        )
     if not outs:
-        n0 = hidden.new_zeros((0, k))
-        return n0.long(), n0.float(), hidden.new_zeros(0).float(), hidden.new_zeros(0).bool()
+        empty = torch.zeros((0, k))
+        return empty.long(), empty, torch.zeros(0), torch.zeros(0, dtype=torch.bool)
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+# -- sampled soft targets (Anshumann et al. 2025: unbiased, unlike top-k) ----------------------
+_M1, _M2 = -4658895280553007687, -7723592293110705685  # splitmix64 constants as signed int64
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors (wrapping arithmetic, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def row_seeds(sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 seed of each row from (sample id, position): the same draws in any batch,
+    shard count or rerun."""
+    return _mix64(sample_ids ^ _mix64(positions + 1))
+
+
+def row_uniforms(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) float64 uniforms in [0, 1), counter-based: draw j of a row depends only on its seed."""
+    j = torch.arange(1, n + 1, device=seeds.device, dtype=torch.int64)
+    bits = _mix64(seeds[:, None] + j[None, :] * _GOLDEN)
+    return ((bits >> 11) & ((1 << 53) - 1)).double() * (1.0 / (1 << 53))
 
 
 @torch.inference_mode()
-def extract_from_logits(
-    logits: torch.Tensor, k: int, chunk_rows: int = 4096
+def sample_from_logits(
+    z: torch.Tensor, n_samples: int, seeds: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of logits (n, V) already computed by the model, in float32 chunks."""
-    outs = [
-        topk_from_logits(logits[i : i + chunk_rows].float().clone(), k)
-        for i in range(0, len(logits), chunk_rows)
-    ]
-    if not outs:
-        n0 = logits.new_zeros((0, k))
-        return n0.long(), n0.float(), logits.new_zeros(0).float(), logits.new_zeros(0).bool()
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    """Draw n_samples ids per row from softmax(z) (z: (n, V) float32, overwritten) and return
+    ids (n, N) unique ids, most drawn first (ties: smaller id first; 0 as padding),
+    logprobs (n, N) log(count / N) (-inf for padding), log_tail (n,) -inf (the draws sum to 1),
+    finite (n,) bool. The expected target equals the teacher's distribution (unbiased)."""
+    n, V = z.shape
+    N = n_samples
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    cdf = z.sub_(lse[:, None]).exp_().cumsum_(dim=-1)  # (n, V) float32, last entry ~1
+    u = row_uniforms(seeds, N).to(cdf.dtype) * cdf[:, -1:]  # (n, N) inverse-CDF sampling
+    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # (n, N)
+    s, _ = torch.sort(ids, dim=1)
+    start = torch.ones_like(s, dtype=torch.bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    run = torch.cumsum(start, dim=1) - 1  # (n, N) which unique id each draw is
+    counts = torch.zeros_like(s).scatter_add_(1, run, torch.ones_like(s))
+    uniq = torch.zeros_like(s).scatter_(1, run, s)
+    key, _ = torch.sort((N - counts) * V + uniq, dim=1)  # count descending, then id ascending
+    counts, uniq = N - key // V, key % V
+    logprobs = torch.log(counts.float() / N)  # -inf where count 0 (padding)
+    uniq = torch.where(counts > 0, uniq, 0)
+    return uniq, logprobs, torch.full_like(lse, float("-inf")), torch.isfinite(lse)

@@ -395,6 +395,32 @@ class ForwardKLWithTail(_KDLoss):
         return _kl(log_p, log_q) * t**2
 
 
+class SampledCE(_KDLoss):
+    """Cross-entropy against sampled teacher targets (``kdcache cache --targets sampled``):
+    ``-sum_i w_i log q(id_i)`` with ``w_i = count_i / N`` (the cache's log-probs) and q the
+    student's full softmax. Its expectation over the draws is the full-distribution forward KL
+    (up to the teacher's entropy): unbiased, unlike top-k (Anshumann et al. 2025). Temperature
+    and k' do not apply to draws; padding entries (-inf) weigh 0.
+    """
+
+    name = "sampled_ce"
+
+    def __init__(self, *, temperature: float = 1.0, k: int | None = None) -> None:
+        if temperature != 1.0 or k is not None:
+            raise ConfigError(
+                f"expected no --temperature or --k with the sampled_ce loss, found temperature={temperature}, "
+                f"k={k}; drop them (sampled targets are draws at temperature 1)"
+            )
+        super().__init__()
+
+    def partial(self, student_logits: Tensor, targets: Targets, norms: Sequence[Tensor]) -> Tensor:
+        ids, logprobs, _ = self._select(student_logits, targets)
+        lse, z_ids = _logit_stats(student_logits, ids, exclude=0, need_lse=True)
+        w = torch.softmax(logprobs, -1)  # (N, n) count / total, 0 for padding
+        values = (w * (lse[:, None] - z_ids)).sum(-1)  # (N,)
+        return _masked_sum(values, targets.mask, norms[0])
+
+
 class HardCE(_Loss):
     """Cross-entropy on the hard labels; rows with IGNORE_INDEX (or outside ``mask``) skipped."""
 
@@ -486,6 +512,7 @@ LOSSES: dict[str, type[_Loss]] = {
     "reverse_kl": ReverseKL,
     "jsd": JSD,
     "ce": HardCE,
+    "sampled_ce": SampledCE,
 }
 
 

@@ -367,6 +367,16 @@ def run_train(cfg: TrainConfig) -> dict:
         )
     if cfg.eval_cache:
         _check_same_tokens(cache, CacheReader(cfg.eval_cache), cfg)
+    sampled = cache.schema.targets == "sampled"
+    if cfg.loss != "ce" and sampled != (cfg.loss == "sampled_ce"):
+        raise ConfigError(
+            f"--loss {cfg.loss} does not fit this cache's {cache.schema.targets} targets; use "
+            + (
+                "--loss sampled_ce (or ce)"
+                if sampled
+                else "a top-k loss (forward_kl, forward_kl_tail, reverse_kl, jsd)"
+            )
+        )
     loss_fn = build_loss(
         cfg.loss, temperature=cfg.temperature, k=cfg.k, alpha=cfg.alpha, beta=cfg.beta
     )

@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 
 LOGPROB_DTYPES = ("float16", "float32")
 TARGETS_ON = ("all", "mask")
-TARGET_KINDS = ("topk",)
+TARGET_KINDS = ("topk", "sampled")
 CODECS = ("plain", "sorted-q8", "sorted-q10", "sorted-q12")  # kdcache.storage.codecs
 
 
@@ -35,7 +35,8 @@ def id_dtype_for(vocab_size: int) -> np.dtype:
 class CacheSchema:
     """What every part of one cache stores; recorded in each part record and the manifest.
 
-    k: top-k entries per target row. vocab_size: the teacher's output size (ids < vocab_size).
+    k: top-k entries per target row (targets="sampled": the number of draws N; a row holds the
+    unique ids drawn, most drawn first, log-probs log(count / N), -inf padding). vocab_size: the teacher's output size (ids < vocab_size).
     logprob_dtype: storage type of the top-k log-probs (no bfloat16: neither Zarr v3 nor Arrow
     names it). targets_on: "all" stores a target row for every position; "mask" stores rows only
     for positions whose loss_mask is 1 (chat data with --targets-on assistant).

@@ -62,3 +62,100 @@ def test_capture_records_the_head_precision_it_used(tmp_path, gpt_teacher, corpu
     )
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["settings"]["head_precision"] == "float32"
+
+
+def test_sampled_targets_are_unbiased_and_reproducible():
+    """The average of many draws converges to the teacher's probabilities; draws depend only on
+    (sample id, position), not on the batch."""
+    from kdcache.stages.extract import row_seeds, sample_from_logits
+
+    torch.manual_seed(0)
+    V, N, rows = 50, 16, 4000
+    z = torch.randn(1, V) * 2
+    p = torch.softmax(z, -1)[0].double()
+    seeds = row_seeds(torch.full((rows,), 12345, dtype=torch.int64), torch.arange(rows))
+    ids, lp, tail, finite = sample_from_logits(z.expand(rows, V).clone(), N, seeds)
+    assert finite.all() and torch.isneginf(tail).all()
+    w = lp.exp().double()  # count / N, 0 for padding
+    assert torch.allclose(w.sum(1), torch.ones(rows, dtype=torch.float64))
+    est = torch.zeros(V, dtype=torch.float64).index_add_(0, ids.flatten(), w.flatten()) / rows
+    # Monte-Carlo error: sqrt(p (1 - p) / (rows * N)) per id; allow 5 standard errors.
+    assert ((est - p).abs() <= 5 * (p * (1 - p) / (rows * N)).sqrt() + 1e-9).all()
+    # Same (sample id, position) -> same draws, whatever else is in the batch.
+    again, lp2, _, _ = sample_from_logits(z.expand(3, V).clone(), N, seeds[[7, 8, 9]])
+    assert torch.equal(again, ids[7:10]) and torch.equal(lp2, lp[7:10])
+    # Most drawn first; padding (count 0) is id 0 with -inf.
+    assert (lp[:, :-1] >= lp[:, 1:]).all()
+    assert (ids[torch.isneginf(lp)] == 0).all()
+
+
+def test_sampled_ce_gradient_matches_full_kd_in_expectation():
+    """E[grad of the sampled CE] = grad of the full-distribution forward KL (same student)."""
+    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.stages.losses import build_loss
+
+    torch.manual_seed(1)
+    V, N, rows = 30, 8, 6000
+    teacher = torch.randn(1, V)
+    seeds = row_seeds(torch.full((rows,), 7, dtype=torch.int64), torch.arange(rows))
+    ids, lp, tail, _ = sample_from_logits(teacher.expand(rows, V).clone(), N, seeds)
+    ids, lp, tail = (
+        ids.clone(),
+        lp.clone(),
+        tail.clone(),
+    )  # out of inference mode, as read from a cache
+    student = torch.randn(1, V, dtype=torch.float64)
+    s = student.expand(rows, V).clone().requires_grad_(True)
+    build_loss("sampled_ce")(s, topk_ids=ids, topk_logprobs=lp, log_tail=tail).backward()
+    sampled_grad = s.grad.sum(0)  # mean over rows already in the loss
+    full = student.clone().requires_grad_(True)
+    torch.nn.functional.kl_div(
+        torch.log_softmax(full, -1),
+        torch.log_softmax(teacher.double(), -1),
+        log_target=True,
+        reduction="batchmean",
+    ).backward()
+    assert torch.allclose(sampled_grad, full.grad[0], atol=0.01), (
+        (sampled_grad - full.grad[0]).abs().max()
+    )
+
+
+def test_sampled_capture_is_reproducible_across_shard_counts(tmp_path, gpt_teacher, corpus):
+    """--targets sampled: draws depend on (sample id, position) only, so a 2-shard capture holds
+    exactly the 1-shard capture's rows; weights are counts / N and sum to 1."""
+    import numpy as np
+
+    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.storage.reader import CacheReader
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(__import__("json").dumps({"text": t[:1500]}) + "\n" for t in corpus["train"][:12])
+    )
+    base = dict(
+        teacher=str(gpt_teacher),
+        data=str(data),
+        k=8,
+        targets="sampled",
+        group_docs=2,
+        progress=False,
+    )
+    run_capture(CaptureConfig(out=str(tmp_path / "one"), **base))
+    for shard in (0, 1):
+        run_capture(
+            CaptureConfig(out=str(tmp_path / "two"), num_shards=2, shard_index=shard, **base)
+        )
+
+    def rows(path):
+        cache = CacheReader(path)
+        assert cache.schema.targets == "sampled" and cache.k == 8
+        return {s.sample_id: s for s in cache}
+
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for sid, s in one.items():
+        np.testing.assert_array_equal(s.topk_ids, two[sid].topk_ids)
+        np.testing.assert_array_equal(s.topk_logprobs, two[sid].topk_logprobs)
+        w = np.exp(s.topk_logprobs.astype(np.float64))
+        np.testing.assert_allclose(w.sum(1), 1.0, rtol=2e-3)  # float16 log(count / 8)
+        assert np.isneginf(s.log_tail).all()

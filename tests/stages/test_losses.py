@@ -341,7 +341,7 @@ def test_chunked_all_masked_gives_zero_and_zero_gradient():
 
 
 def test_build_loss_registry():
-    assert set(LOSSES) == {"forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce"}
+    assert set(LOSSES) == {"forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce", "sampled_ce"}
     assert isinstance(build_loss("forward_kl", temperature=2.0, k=4), ForwardKL)
     jsd = build_loss("jsd", beta=0.2)
     assert isinstance(jsd, JSD) and jsd.beta == 0.2

@@ -456,6 +456,24 @@ def _eval_cache_other_tokenizer(tmp, captured, tok_dir):
     )
 
 
+def _topk_loss_on_sampled_cache(tmp, captured, tok_dir):
+    import numpy as np
+
+    from kdcache.storage.manifest import CacheIdentity
+    from kdcache.storage.schema import CacheSchema
+    from kdcache.storage.synthetic import synthetic_block
+    from kdcache.storage.writer import write_cache
+
+    schema = CacheSchema(k=4, vocab_size=64, targets="sampled")
+    block = synthetic_block(np.random.default_rng(0), [16] * 8, schema)
+    write_cache(
+        tmp / "c",
+        CacheIdentity(backend="zarr", schema=schema, fingerprints={}, settings={}),
+        [block],
+    )
+    return dict(cache=tmp / "c", loss="forward_kl")
+
+
 def _plain(**options):
     def make(tmp, captured, tok_dir):
         return dict(cache=synthetic_cache(tmp / "c", [lengths(8)]), **options)
@@ -480,6 +498,7 @@ BAD_INPUT = {
     "empty cache": (_empty_cache, ["holds no sequences"]),
     "ce with alpha": (_plain(loss="ce", alpha=0.5), ["no alpha with --loss ce"]),
     "device": (_plain(device="tpu"), ["--device"]),
+    "top-k loss on a sampled cache": (_topk_loss_on_sampled_cache, ["does not fit", "sampled_ce"]),
     "eval cache with another tokenizer": (
         _eval_cache_other_tokenizer,
         ["--eval-cache", "another tokenizer"],
