@@ -36,6 +36,7 @@ from kdcache.storage.reader import CacheReader
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -279,9 +280,12 @@ def _hf_mask(student: CausalLM, batch: Batch):
 
 @torch.no_grad()
 def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
-    """Held-out CE on the true next tokens, KL to the teacher's top-k (renormalized), top-1 agreement."""
+    """Held-out CE on the true next tokens, KL to the teacher's top-k (renormalized), top-1
+    agreement, and expected calibration error (ECE: the mean |accuracy - confidence| of the
+    student's top-1 over 15 confidence bins, weighted by the bins' share of rows)."""
     student.module.eval()
     ce_sum = kl_sum = agree = n_ce = n_kd = 0.0
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # rows, confidence, correct
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
@@ -310,6 +314,12 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
             has = lab != IGNORE_INDEX
             ce_sum += float(-logp[has].gather(1, lab[has, None]).sum())
             n_ce += float(has.sum())
+            conf, pred = logp[has].max(-1)
+            conf = conf.exp().double()
+            b = (conf * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
+            bins[0].index_add_(0, b, torch.ones_like(conf))
+            bins[1].index_add_(0, b, conf)
+            bins[2].index_add_(0, b, (pred == lab[has]).double())
             m = kd_rows[s : s + 2048]
             ids, lp = t["topk_ids"][s : s + 2048][m], t["topk_logprobs"][s : s + 2048][m]
             p = torch.softmax(lp, -1)  # teacher top-k renormalized
@@ -322,7 +332,10 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
         torch.tensor([ce_sum, n_ce, kl_sum, agree, n_kd], dtype=torch.float64, device=device)
     )
     ce_sum, n_ce, kl_sum, agree, n_kd = totals.tolist()
+    rows_b, conf_b, correct_b = _all_reduce_(bins)
+    ece = float((conf_b - correct_b).abs().sum() / rows_b.sum().clamp_min(1))
     return {
+        "ece": ece,
         "ce": ce_sum / max(n_ce, 1),
         "perplexity": math.exp(min(ce_sum / max(n_ce, 1), 50)),
         "kl_topk": kl_sum / max(n_kd, 1),
