@@ -633,6 +633,10 @@ def stats(cache: Path, as_json: bool) -> None:
         return
     click.echo(f"target rows        {s['target_rows']:,}")
     click.echo(
+        f"size               {s['bytes_per_position']:.1f} bytes/position, {s['entries_per_row']:.1f} stored entries/row, "
+        f"{s['bytes_per_entry']:.2f} bytes/entry"
+    )
+    click.echo(
         f"top-k mass         mean {s['topk_mass_mean']:.4f}, p05 {s['topk_mass_p05']:.2f}, median {s['topk_mass_p50']:.2f}"
     )
     click.echo(

@@ -6,8 +6,9 @@ see the logical schema (ids in probability order, log-probs in the schema's dtyp
 
 ``plain``        stores the logical arrays as they are.
 ``sorted-qB``    (B = 8, 10 or 12) per row: ids sorted ascending and delta-coded (first id, then the
-                 gaps, all >= 1) so that zstd sees small numbers; probabilities quantized as
-                 q = round(sqrt(p / m) * (2^B - 1)), clamped to >= 1, where m = the row's top-k
+                 gaps, all >= 1; 0 only between padding entries) so that zstd sees small numbers;
+                 probabilities quantized as q = round(sqrt(p / m) * (2^B - 1)), clamped to >= 1
+                 (0 for padding entries, p = 0, of sampled targets), where m = the row's top-k
                  mass, stored in sorted-id order as uint8 / uint16. Decoding:
                  p = m * (q / (2^B - 1))^2 / sum((q / (2^B - 1))^2): the top-k mass is exact (it
                  is stored in log_tail, float32), and the within-top-k distribution carries an
@@ -54,7 +55,7 @@ class SortedQuantized(Codec):
         p = np.exp(np.take_along_axis(block.topk_logprobs, order, axis=1).astype(np.float64))
         mass = p.sum(axis=1, keepdims=True)
         q = np.rint(np.sqrt(p / np.maximum(mass, 1e-300)) * self.levels)
-        q = np.clip(q, 1, self.levels).astype(self.dtype)
+        q = np.where(p > 0, np.clip(q, 1, self.levels), 0).astype(self.dtype)  # 0: padding only
         return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
@@ -136,4 +137,5 @@ def reconstruction_kl(exact: Block, decoded: Block) -> np.ndarray:
     lp_e = np.take_along_axis(lp_e, oe, axis=1)
     lp_d = np.take_along_axis(lp_d, od, axis=1)
     p = np.exp(lp_e)
-    return np.where(p > 0, p * (lp_e - lp_d), 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(p > 0, p * (lp_e - lp_d), 0.0).sum(axis=1)

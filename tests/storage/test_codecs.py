@@ -99,3 +99,37 @@ def test_unknown_codec_is_refused():
         CacheSchema(k=2, vocab_size=10, codec="zip")
     with pytest.raises(ConfigError, match="unknown codec"):
         get_codec("zip")
+
+
+def test_codec_keeps_the_padding_of_sampled_targets(tmp_path):
+    """Sampled rows end in padding (id 0, -inf): it stays padding, and counts / N survive."""
+    from kdcache.storage.schema import Sequence
+
+    schema = CacheSchema(k=8, vocab_size=100, targets="sampled", codec="sorted-q8")
+    counts = np.array([[4, 2, 1, 1, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0], [1] * 8])
+    ids = np.array(
+        [[7, 3, 50, 9, 0, 0, 0, 0], [42, 0, 0, 0, 0, 0, 0, 0], [90, 1, 2, 3, 4, 5, 6, 99]]
+    )
+    with np.errstate(divide="ignore"):
+        lp = np.log(counts / 8).astype(np.float32)
+    seq = Sequence(
+        1,
+        np.array([1, 2, 3]),
+        np.ones(3, np.uint8),
+        np.zeros(1, np.int32),
+        ids,
+        lp,
+        np.full(3, -np.inf, np.float32),
+    )
+    write_cache(
+        tmp_path / "c",
+        CacheIdentity(backend="arrow", schema=schema, fingerprints={}, settings={}),
+        [Block.from_sequences([seq], schema)],
+    )
+    got = CacheReader(tmp_path / "c")[0]
+    assert (
+        np.isneginf(got.topk_logprobs[counts == 0]).all() and (got.topk_ids[counts == 0] == 0).all()
+    )
+    real = counts > 0
+    np.testing.assert_array_equal(np.sort(got.topk_ids[0, :4]), [3, 7, 9, 50])
+    np.testing.assert_allclose(np.exp(got.topk_logprobs[real]), (counts / 8)[real], rtol=0.02)
