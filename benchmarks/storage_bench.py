@@ -17,6 +17,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numcodecs
@@ -142,6 +143,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--real", type=Path, help="benchmark reading this existing cache instead")
+    ap.add_argument(
+        "--codecs",
+        nargs="+",
+        default=["plain"],
+        help="codecs to measure (zarr backend for all but plain)",
+    )
     args = ap.parse_args()
     if args.real:
         show("real", bench_read(args.real))
@@ -152,10 +159,19 @@ def main() -> None:
     print(
         f"generated {sum(b.num_positions for b in blocks):,} synthetic positions in {time.perf_counter() - t:.1f}s"
     )
-    for backend in ("zarr", "arrow"):
+    runs = [("zarr", "plain"), ("arrow", "plain")] if "plain" in args.codecs else []
+    runs += [("zarr", c) for c in args.codecs if c != "plain"]
+    for backend, codec in runs:
         tmp = Path(tempfile.mkdtemp(prefix=f"kdcache-bench-{backend}-"))
         try:
-            show(backend, bench_backend(backend, blocks, schema, tmp / "cache"))
+            result = bench_backend(backend, blocks, replace(schema, codec=codec), tmp / "cache")
+            show(backend if codec == "plain" else f"{backend} {codec}", result)
+            err = CacheReader(tmp / "cache").describe()["codec_error"]
+            if err:
+                print(
+                    f"        {codec}: {result['bytes_per_position'] / args.k:.2f} bytes per top-k entry, "
+                    f"reconstruction KL mean {err['kl_mean']:.2e}, p99 {err['kl_p99']:.2e} nats"
+                )
         finally:
             shutil.rmtree(tmp)
 
