@@ -27,7 +27,7 @@ from kdcache.stages.adapters import load_model
 from kdcache.stages.capture import CaptureConfig, run_capture
 from kdcache.stages.dataset import CacheBatches
 from kdcache.stages.pretrain import PretrainConfig, run_pretrain
-from kdcache.stages.train import TrainConfig, _lr_lambda, evaluate, load_student, run_train
+from kdcache.stages.train import TrainConfig, build_optimizer, evaluate, load_student, run_train
 from kdcache.storage.reader import CacheReader
 
 
@@ -71,17 +71,7 @@ def online_kd(work: Path, train_cache: Path, eval_cache: Path, args, seed: int) 
     cache = CacheReader(train_cache)
     student = load_student(cfg, cache.vocab_size, args.seq_len, torch.device("cpu"))
     model = student.module
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    opt, sched = build_optimizer(model, cfg)  # the same optimizer and schedule as kdcache train
     ds = CacheBatches(train_cache, batch_size=cfg.batch_size, seed=seed)
     batches = (b for epoch in range(10**6) if ds.set_position(epoch, 0) is None for b in iter(ds))
     t = time.perf_counter()

@@ -344,6 +344,22 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
     }
 
 
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW (weight decay on matrices only) and its warmup + cosine schedule."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=False,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+
 def _lr_lambda(cfg: TrainConfig):
     min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
 
@@ -465,18 +481,7 @@ def run_train(cfg: TrainConfig) -> dict:
             f"--cache {cfg.cache} has no training batches of {micro} sequences; lower --batch-size"
         )
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        fused=False,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    opt, sched = build_optimizer(model, cfg)
 
     step, epoch, consumed, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
     loss_sum, last_eval = float("nan"), None
