@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from kdcache.storage.errors import KDCacheError
+from kdcache.storage.schema import CODECS
 
 
 class _Group(click.Group):
@@ -156,7 +157,7 @@ def _shard_index(value: str) -> int | str:
 )
 @click.option(
     "--codec",
-    type=click.Choice(["plain", "sorted-q8", "sorted-q10", "sorted-q12"]),
+    type=click.Choice(CODECS),
     default="plain",
     show_default=True,
     help="Top-k encoding: plain, or ids sorted and delta-coded with probabilities quantized to "
@@ -601,7 +602,7 @@ def finalize(cache: Path) -> None:
 )
 @click.option(
     "--codec",
-    type=click.Choice(["plain", "sorted-q8", "sorted-q10", "sorted-q12"]),
+    type=click.Choice(CODECS),
     default=None,
     help="Re-encode the top-k with this codec (default: keep the source's); see docs/FORMAT.md.",
 )

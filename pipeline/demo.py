@@ -42,6 +42,13 @@ class DemoPlan:
     batch_size: int
 
 
+# Two sizes with KD (forward KL with the rest bucket) and the small one with hard labels only.
+STUDENTS = (
+    ("kd-micro", "micro", "forward_kl_tail"),
+    ("kd-nano", "nano", "forward_kl_tail"),
+    ("hard-nano", "nano", "ce"),
+)
+
 FULL = DemoPlan(
     max_files=150,
     vocab_size=4096,
@@ -50,11 +57,7 @@ FULL = DemoPlan(
     teacher_seconds=210,
     block_size=128,
     k=64,
-    students=(
-        ("kd-micro", "micro", "forward_kl_tail"),
-        ("kd-nano", "nano", "forward_kl_tail"),
-        ("hard-nano", "nano", "ce"),
-    ),
+    students=STUDENTS,
     student_steps=500,
     batch_size=16,
 )
@@ -66,11 +69,7 @@ QUICK = DemoPlan(
     teacher_seconds=25,
     block_size=64,
     k=16,
-    students=(
-        ("kd-micro", "micro", "forward_kl_tail"),
-        ("kd-nano", "nano", "forward_kl_tail"),
-        ("hard-nano", "nano", "ce"),
-    ),
+    students=STUDENTS,
     student_steps=40,
     batch_size=16,
 )

@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -379,7 +380,9 @@ def teacher_rows(
         if teacher.kind == "hf" and not cfg.pack
         else None
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullctx()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
     chunk = cfg.chunk_rows or default_chunk_rows(device)
     seeds = None
     if cfg.targets == "sampled":  # draws seeded by (sample id, position) of each target row
@@ -413,14 +416,6 @@ def teacher_rows(
     )  # exact, half the bytes of int64
     lp_dtype = torch.float16 if cfg.logprob_dtype == "float16" else torch.float32
     return top_ids.to(id_dtype), lp.to(lp_dtype), tail, finite
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _WriterThread(threading.Thread):
