@@ -180,7 +180,7 @@ def main() -> None:
         methods[f"top-{k} forward KL"] = (f"top{k}", "forward_kl", None)
         methods[f"top-{k} forward KL + rest bucket"] = (f"top{k}", "forward_kl_tail", None)
     for n in (16, 64):
-        methods[f"sampled N={n}"] = (f"sampled{n}", "sampled_ce", None)
+        methods[f"sampled N={n}"] = (f"sampled{n}", "soft_ce", None)
     results = {}
     for name, spec in methods.items():
         runs = []

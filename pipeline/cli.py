@@ -146,7 +146,7 @@ def _shard_index(value: str) -> int | str:
     show_default=True,
     help="topk: the k most likely ids per position (biased toward the head); sampled: --samples "
     "draws from the teacher per position, stored as unique ids with counts (unbiased; train with "
-    "--loss sampled_ce).",
+    "--loss soft_ce).",
 )
 @click.option(
     "--samples",
@@ -154,6 +154,15 @@ def _shard_index(value: str) -> int | str:
     default=16,
     show_default=True,
     help="Draws per position with --targets sampled (seeded by sample id and position).",
+)
+@click.option(
+    "--proposal-temperature",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="With --targets sampled: draw from the teacher at this temperature (> 1 reaches further "
+    "into the tail per draw, < 1 stores fewer unique ids) and store normalized importance "
+    "weights count * p / p_T instead of count / N.",
 )
 @click.option(
     "--codec",
@@ -244,12 +253,14 @@ def cache(**opts) -> None:
 )
 @click.option(
     "--loss",
-    type=click.Choice(["forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "sampled_ce", "ce"]),
+    type=click.Choice(["forward_kl", "forward_kl_tail", "soft_ce", "reverse_kl", "jsd", "ce"]),
     default="forward_kl",
     show_default=True,
-    help="forward_kl: KL to the renormalized top-k; forward_kl_tail: with a (k+1)-th rest bucket; "
-    "reverse_kl; jsd; sampled_ce: cross-entropy on sampled targets (caches made with --targets "
-    "sampled); ce: hard labels only.",
+    help="forward_kl: KL between teacher and student, both renormalized over the top-k; "
+    "forward_kl_tail: KL over the top-k plus a rest bucket (the stored tail mass); soft_ce: "
+    "cross-entropy to the cached targets with the student's full softmax (the only KD loss for "
+    "--targets sampled caches; on top-k caches the teacher renormalized over its top-k); "
+    "reverse_kl; jsd; ce: hard labels only.",
 )
 @click.option(
     "--alpha", type=float, default=None, help="Mix: alpha * KD + (1 - alpha) * hard-label CE."
@@ -502,19 +513,43 @@ def demo(workdir: Path, quick: bool, no_progress: bool) -> None:
     "--teacher",
     type=click.Path(path_type=Path),
     default=None,
-    help="The teacher folder (with the metrics.json of teacher-train) for the first row.",
+    help="The teacher the cache was made with: evaluated on the runs' held-out set, measured, first row.",
 )
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write report.md and report.json here.",
+    help="Write report.md, report.json and the PNG plots here.",
 )
-def report(runs: tuple[Path, ...], teacher: Path | None, out: Path | None) -> None:
-    """The student RUNS side by side: held-out cross-entropy, KL to the teacher, agreement, size, time."""
+@click.option(
+    "--speed-seconds",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Inference timing per setting and model; 0 skips the speed and memory measurement.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where inference is measured: cpu, cuda, auto.",
+)
+def report(
+    runs: tuple[Path, ...],
+    teacher: Path | None,
+    out: Path | None,
+    speed_seconds: float,
+    device: str,
+) -> None:
+    """The distillation trade of each of RUNS (and the teacher): held-out quality and the share of
+    the teacher's kept, cost to deploy (size, memory, tokens/s, latency), cost to make (capture,
+    cache bytes, training time), hard-label runs next to distilled runs of the same size."""
     from kdcache.pipeline.report import build_report
 
-    click.echo(build_report(list(runs), teacher=teacher, out=out)["markdown"])
+    result = build_report(
+        list(runs), teacher=teacher, out=out, speed_seconds=speed_seconds, device=device
+    )
+    click.echo(result["markdown"])
 
 
 @main.command()
@@ -563,17 +598,22 @@ def inspect(cache: Path, as_json: bool) -> None:
     "--files-only", is_flag=True, help="Only compare file checksums; do not decode every chunk."
 )
 def verify(cache: Path, files_only: bool) -> None:
-    """Recompute every checksum of CACHE and check its structure; exit 2 if anything is wrong."""
-    from kdcache.storage.errors import IntegrityError
+    """Recompute every checksum of CACHE and check its structure; print each problem (part, file,
+    what is wrong). Exit 0 if intact, 1 if damaged, 2 if CACHE is not a cache kdcache reads."""
     from kdcache.storage.integrity import verify_cache
 
     problems = verify_cache(cache, decode=not files_only)
     if problems:
-        for p in problems[:50]:
+        for p in problems[:200]:
             click.echo(p, err=True)
-        raise IntegrityError(
-            f"{cache}: {len(problems)} problem(s) found; recapture the damaged parts"
+        if len(problems) > 200:
+            click.echo(f"... and {len(problems) - 200} more", err=True)
+        click.echo(
+            f"kdcache: error: {cache}: damaged: {len(problems)} problem(s) found; recapture the damaged "
+            "parts (kdcache cache ... --shard-index I), then `kdcache finalize`",
+            err=True,
         )
+        sys.exit(1)  # a verdict on the data, not a usage error (2)
     click.echo(f"{cache}: OK")
 
 
@@ -624,29 +664,58 @@ def convert(cache: Path, out: Path, backend: str, codec: str | None, replace: bo
 @main.command()
 @CACHE_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def stats(cache: Path, as_json: bool) -> None:
-    """Teacher statistics over CACHE: top-k mass captured, entropy, most frequent top-1 ids."""
-    from kdcache.storage.stats import cache_stats
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write entropy.png, topk_mass.png and top_ids.png here (needs kdcache[plot]).",
+)
+@click.option("--top", type=int, default=10, show_default=True, help="How many top ids to list.")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Threads (1: synchronous); memory holds about one chunk per worker.  [default: min(4, CPUs)]",
+)
+def stats(cache: Path, as_json: bool, plot_dir: Path | None, top: int, workers: int | None) -> None:
+    """Teacher statistics over CACHE, out of core (dask): top-k mass captured, entropy
+    distribution, most frequent ids."""
+    from kdcache.storage.stats import cache_stats, plot_stats
 
-    s = cache_stats(cache)
+    if plot_dir is not None:  # fail before the pass over the cache, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'kdcache[plot]'") from None
+    s = cache_stats(cache, top_ids=top, workers=workers)
+    if plot_dir is not None:
+        s["plots"] = [str(p) for p in plot_stats(s, plot_dir)]
     if as_json:
         click.echo(json.dumps(s, indent=1))
         return
-    click.echo(f"target rows        {s['target_rows']:,}")
+    mq, eq = s["topk_mass_quantiles"], s["entropy_quantiles_nats"]
+    click.echo(f"target rows        {s['target_rows']:,} (k={s['k']}, {s['codec']} codec)")
     click.echo(
         f"size               {s['bytes_per_position']:.1f} bytes/position, {s['entries_per_row']:.1f} stored entries/row, "
         f"{s['bytes_per_entry']:.2f} bytes/entry"
     )
     click.echo(
-        f"top-k mass         mean {s['topk_mass_mean']:.4f}, p05 {s['topk_mass_p05']:.2f}, median {s['topk_mass_p50']:.2f}"
+        f"top-k mass         mean {s['topk_mass_mean']:.4f}; p05 {mq['p05']:.3f}, p25 {mq['p25']:.3f}, "
+        f"median {mq['p50']:.3f}, p75 {mq['p75']:.3f}, p95 {mq['p95']:.3f}"
     )
     click.echo(
-        f"entropy (nats)     mean {s['entropy_mean_nats']:.3f}, median {s['entropy_p50_nats']:.2f}, p95 {s['entropy_p95_nats']:.2f}"
+        f"entropy (nats)     mean {s['entropy_mean_nats']:.3f}; p05 {eq['p05']:.2f}, p25 {eq['p25']:.2f}, "
+        f"median {eq['p50']:.2f}, p75 {eq['p75']:.2f}, p95 {eq['p95']:.2f}, p99 {eq['p99']:.2f}"
     )
-    click.echo(
-        "most frequent top-1 ids: "
-        + ", ".join(f"{t['id']} ({t['count']})" for t in s["top1_most_frequent"])
-    )
+    for key, label in (("top1_most_frequent", "top-1"), ("topk_most_frequent", "top-k")):
+        distinct = s[key.replace("most_frequent", "distinct_ids")]
+        click.echo(
+            f"most frequent {label} ids ({distinct:,} distinct): "
+            + ", ".join(f"{t['id']} ({t['count']:,})" for t in s[key])
+        )
+    for p in s.get("plots", []):
+        click.echo(f"wrote {p}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from kdcache.stages.extract import (
 )
 from kdcache.stages.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.errors import ConfigError, MissingPartError
+from kdcache.storage.lease import DEFAULT_LEASE_SECONDS
 from kdcache.storage.manifest import (
     PART_RECORD,
     CacheIdentity,
@@ -81,6 +82,7 @@ class CaptureConfig:
     logprob_dtype: str = "float16"
     codec: str = "plain"  # plain | sorted-q8 | sorted-q10 | sorted-q12 (kdcache.storage.codecs)
     targets: str = "topk"  # topk: the k most likely ids; sampled: k draws per row (unbiased)
+    proposal_temperature: float = 1.0  # sampled: draw at this temperature, store IS weights
     num_shards: int = 1
     shard_index: int | str = 0  # or "env": SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE
     batch_tokens: int = 16384  # padded tokens per teacher batch
@@ -91,6 +93,8 @@ class CaptureConfig:
     head_precision: str = "auto"  # float32 | tf32 (CUDA tensor cores) | auto: tf32 on CUDA
     replace: bool = False
     progress: bool = True
+    lease_seconds: float = DEFAULT_LEASE_SECONDS  # a killed writer's part is free after this
+    lease_wait: float = 0.0  # wait this long for another writer's live lease before refusing
 
     def problems(self) -> list[str]:
         p = []
@@ -106,6 +110,13 @@ class CaptureConfig:
             )
         if self.targets not in ("topk", "sampled"):
             p.append(f"--targets must be 'topk' or 'sampled', got {self.targets!r}")
+        if not self.proposal_temperature > 0:
+            p.append(f"--proposal-temperature must be > 0, got {self.proposal_temperature}")
+        elif self.proposal_temperature != 1.0 and self.targets != "sampled":
+            p.append(
+                f"--proposal-temperature {self.proposal_temperature} applies to --targets sampled "
+                "only; add --targets sampled or drop it"
+            )
         if self.targets_on not in ("all", "assistant"):
             p.append(f"--targets-on must be 'all' or 'assistant', got {self.targets_on!r}")
         if self.backend not in ("zarr", "arrow"):
@@ -123,6 +134,10 @@ class CaptureConfig:
         for name in ("batch_tokens", "group_docs", "flush_positions", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lease_seconds > 0:
+            p.append(f"--lease-seconds must be > 0, got {self.lease_seconds}")
+        if not self.lease_wait >= 0:
+            p.append(f"--lease-wait must be >= 0, got {self.lease_wait}")
         if self.head_precision not in ("auto", "float32", "tf32"):
             p.append(f"--head-precision must be auto, float32 or tf32, got {self.head_precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -403,13 +418,16 @@ def teacher_rows(
             chunk,
             tf32=cfg.head_precision == "tf32",
             seeds=seeds,
+            proposal_temperature=cfg.proposal_temperature,
         )
     else:
         with autocast:
             logits = teacher.logits(
                 ids, position_ids=pos, segment_ids=seg, attention_mask=mask
             )  # (B, T, V)
-        out = extract_from_logits(logits[rows], cfg.k, chunk, seeds=seeds)
+        out = extract_from_logits(
+            logits[rows], cfg.k, chunk, seeds=seeds, proposal_temperature=cfg.proposal_temperature
+        )
     top_ids, lp, tail, finite = out
     id_dtype = (
         torch.int32 if teacher.vocab_size > 2**15 else torch.int16
@@ -544,10 +562,27 @@ def load_teacher_and_tokenizer(
     return teacher, tok
 
 
-def run_capture(cfg: CaptureConfig) -> CaptureSummary:
-    """``kdcache cache``: write this shard's part of the cache (and finalize a one-shard cache)."""
+@dataclass
+class CaptureSession:
+    """The teacher and tokenizer loaded once, with everything resolved that every part shares.
+
+    One process (or one Dask worker) builds it once and captures any number of parts with it:
+    ``capture_part(session, shard)``."""
+
+    cfg: CaptureConfig  # resolved: seq_len, stride, head_precision, num_shards
+    device: torch.device
+    teacher: CausalLM
+    tok: TokenizerInfo
+    identity: CacheIdentity
+
+    @property
+    def num_shards(self) -> int:
+        return self.cfg.num_shards
+
+
+def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
+    """Validate, load the teacher and tokenizer on cfg.device, resolve the settings."""
     cfg.validate()
-    shard, num_shards = resolve_shard(cfg)
     device = pick_device(cfg.device)
     teacher, tok = load_teacher_and_tokenizer(cfg, device)
 
@@ -571,15 +606,13 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
     head_precision = cfg.head_precision
     if head_precision == "auto" or device.type != "cuda":  # tf32 exists on CUDA only
         head_precision = "tf32" if device.type == "cuda" else "float32"
-    resolved = {
-        **asdict(cfg),
-        "seq_len": seq_len,
-        "stride": stride,
-        "shard_index": shard,
-        "num_shards": num_shards,
-        "head_precision": head_precision,
-    }
-    resolved_cfg = CaptureConfig(**resolved)
+    resolved_cfg = replace(
+        cfg,
+        seq_len=seq_len,
+        stride=stride,
+        num_shards=num_shards,
+        head_precision=head_precision,
+    )
     settings = resolved_cfg.stored_settings()
     data_fp = {
         "sources": source_fingerprint(Path(cfg.data)),
@@ -610,38 +643,67 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
         settings=settings,
         num_shards=num_shards,
     )
-    prepare_output(Path(cfg.out), identity, replace=cfg.replace)  # refuse other settings first
+    return CaptureSession(resolved_cfg, device, teacher, tok, identity)
+
+
+def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
+    """Capture part ``shard`` whole (or resume it, or skip it if committed). Never finalizes.
+
+    The one per-part function of every executor: one process, a SLURM array task, a Dask
+    worker. Holds the part's lease while writing, so a second writer of the part is refused."""
+    cfg, num_shards = session.cfg, session.num_shards
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"shard {shard} does not exist: expected 0 <= shard < {num_shards}")
+    resolved = {**asdict(cfg), "shard_index": shard}
     name = part_name(shard)
     summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
-    committed = read_json(parts_dir(Path(cfg.out)) / name / PART_RECORD) is not None
-    if not committed:
-        # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
-        batches = [
-            b
-            for _, group in plan_sequences(resolved_cfg, tok, shard, num_shards, seq_len, stride)
-            for b in make_batches(group, cfg.batch_tokens)
-        ]
-        if not batches:
-            raise ConfigError(
-                f"shard {shard} of {num_shards} got no sequence to capture from --data {cfg.data} "
-                "(too few documents for this many shards, or every document is shorter than 2 tokens)"
-            )
-        writer = PartWriter(
-            Path(cfg.out),
-            identity,
-            shard_index=shard,
-            config=resolved,
-            flush_positions=cfg.flush_positions,
+    if read_json(parts_dir(Path(cfg.out)) / name / PART_RECORD) is not None:
+        summary.skipped = True
+        return summary
+    # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
+    batches = [
+        b
+        for _, group in plan_sequences(cfg, session.tok, shard, num_shards, cfg.seq_len, cfg.stride)
+        for b in make_batches(group, cfg.batch_tokens)
+    ]
+    if not batches:
+        raise ConfigError(
+            f"shard {shard} of {num_shards} got no sequence to capture from --data {cfg.data} "
+            "(too few documents for this many shards, or every document is shorter than 2 tokens)"
         )
-        _run_batches(teacher, batches, writer, device, resolved_cfg, summary)
+    writer = PartWriter(
+        Path(cfg.out),
+        session.identity,
+        shard_index=shard,
+        config=resolved,
+        flush_positions=cfg.flush_positions,
+        lease_seconds=cfg.lease_seconds,
+        lease_wait=cfg.lease_wait,
+    )
+    if writer.committed:  # another writer finished it while this one waited for the lease
+        summary.skipped = True
+        return summary
+    try:
+        _run_batches(session.teacher, batches, writer, session.device, cfg, summary)
         t_commit = time.perf_counter()
         record = writer.commit(
-            {"capture": {"device": str(device), "loop_seconds": summary.seconds}}
+            {"capture": {"device": str(session.device), "loop_seconds": summary.seconds}}
         )
-        summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
-        summary.bytes = record["bytes"]
-    else:
-        summary.skipped = True
+    except BaseException:
+        writer.release()  # what was flushed stays durable: a rerun resumes at once
+        raise
+    summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
+    summary.bytes = record["bytes"]
+    return summary
+
+
+def run_capture(cfg: CaptureConfig) -> CaptureSummary:
+    """``kdcache cache``: write this shard's part of the cache (and finalize a one-shard cache)."""
+    cfg.validate()
+    shard, num_shards = resolve_shard(cfg)
+    session = load_session(cfg, num_shards)
+    prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)  # refuse others first
+    summary = capture_part(session, shard)
     try:
         finalize(Path(cfg.out))
         summary.finalized = True

@@ -83,9 +83,11 @@ def extract_rows(
     chunk_rows: int = 4096,
     tf32: bool = False,
     seeds: torch.Tensor | None = None,
+    proposal_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets of ``hidden (n, C) @ weight.T (V, C) + bias`` in float32, ``chunk_rows`` rows at a
-    time: the top-k, or (``seeds`` (n,) given) k draws per row (``sample_from_logits``).
+    time: the top-k, or (``seeds`` (n,) given) k draws per row (``sample_from_logits``, drawn at
+    ``proposal_temperature``).
 
     Returns ids (n, k) int64, logprobs (n, k) float32, log_tail (n,) float32, finite (n,) bool.
     ``tf32``: let CUDA tensor cores do the head matmul (float32 in and out, 10-bit mantissa
@@ -95,16 +97,32 @@ def extract_rows(
     b = bias.float() if bias is not None else None
     with _tf32(tf32):
         return _chunks(
-            lambda i, j: F.linear(hidden[i:j].float(), w, b), len(hidden), k, chunk_rows, seeds
+            lambda i, j: F.linear(hidden[i:j].float(), w, b),
+            len(hidden),
+            k,
+            chunk_rows,
+            seeds,
+            proposal_temperature,
         )
 
 
 @torch.inference_mode()
 def extract_from_logits(
-    logits: torch.Tensor, k: int, chunk_rows: int = 4096, seeds: torch.Tensor | None = None
+    logits: torch.Tensor,
+    k: int,
+    chunk_rows: int = 4096,
+    seeds: torch.Tensor | None = None,
+    proposal_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same targets from logits (n, V) the model already computed, in float32 chunks."""
-    return _chunks(lambda i, j: logits[i:j].float().clone(), len(logits), k, chunk_rows, seeds)
+    return _chunks(
+        lambda i, j: logits[i:j].float().clone(),
+        len(logits),
+        k,
+        chunk_rows,
+        seeds,
+        proposal_temperature,
+    )
 
 
 class _tf32:
@@ -120,14 +138,18 @@ class _tf32:
         return False
 
 
-def _chunks(logits_of, n: int, k: int, chunk_rows: int, seeds: torch.Tensor | None):
+def _chunks(
+    logits_of, n: int, k: int, chunk_rows: int, seeds: torch.Tensor | None, tau: float = 1.0
+):
     """Run the target selection over rows [i, i + chunk_rows): logits_of(i, j) -> (j - i, V) float32."""
     outs = []
     for i in range(0, n, chunk_rows):
         j = min(i + chunk_rows, n)
         z = logits_of(i, j)
         outs.append(
-            topk_from_logits(z, k) if seeds is None else sample_from_logits(z, k, seeds[i:j])
+            topk_from_logits(z, k)
+            if seeds is None
+            else sample_from_logits(z, k, seeds[i:j], proposal_temperature=tau)
         )
     if not outs:
         empty = torch.zeros((0, k))
@@ -164,16 +186,28 @@ def row_uniforms(seeds: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample_from_logits(
-    z: torch.Tensor, n_samples: int, seeds: torch.Tensor
+    z: torch.Tensor, n_samples: int, seeds: torch.Tensor, proposal_temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw n_samples ids per row from softmax(z) (z: (n, V) float32, overwritten) and return
-    ids (n, N) unique ids, most drawn first (ties: smaller id first; 0 as padding),
-    logprobs (n, N) log(count / N) (-inf for padding), log_tail (n,) -inf (the draws sum to 1),
-    finite (n,) bool. The expected target equals the teacher's distribution (unbiased)."""
+    ids (n, N) unique ids, most weight first (ties: smaller id first; 0 as padding),
+    logprobs (n, N) log weights (-inf for padding), log_tail (n,) -inf (the weights sum to 1),
+    finite (n,) bool.
+
+    At proposal temperature 1 the weight of an id is count / N: the expected target equals the
+    teacher's distribution (unbiased). At tau != 1 the draws come from softmax(z / tau) (tau > 1
+    reaches further into the tail per draw, tau < 1 gives fewer unique ids) and each id weighs
+    count * p / r (teacher over proposal probability), normalized to sum to 1: self-normalized
+    importance sampling, consistent (its bias shrinks as 1 / N)."""
     n, V = z.shape
     N = n_samples
+    tau = float(proposal_temperature)
     lse = torch.logsumexp(z, dim=-1)  # (n,)
-    cdf = z.sub_(lse[:, None]).exp_().cumsum_(dim=-1)  # (n, V) float32, last entry ~1
+    if tau == 1.0:
+        cdf = z.sub_(lse[:, None]).exp_().cumsum_(dim=-1)  # (n, V) float32, last entry ~1
+    else:
+        zt = z / tau  # (n, V) the proposal's logits; z is kept for the weights
+        lse_t = torch.logsumexp(zt, dim=-1)  # (n,)
+        cdf = zt.sub_(lse_t[:, None]).exp_().cumsum_(dim=-1)
     u = row_uniforms(seeds, N).to(cdf.dtype) * cdf[:, -1:]  # (n, N) inverse-CDF sampling
     ids = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # (n, N)
     s, _ = torch.sort(ids, dim=1)
@@ -186,4 +220,13 @@ def sample_from_logits(
     counts, uniq = N - key // V, key % V
     logprobs = torch.log(counts.float() / N)  # -inf where count 0 (padding)
     uniq = torch.where(counts > 0, uniq, 0)
+    if tau != 1.0:
+        # log(count p / r) = log count + (z - lse) - (z / tau - lse_t), then normalized
+        zu = z.gather(1, uniq)  # (n, N) teacher logits of the drawn ids
+        logw = logprobs + zu * (1 - 1 / tau) - (lse - lse_t)[:, None]
+        logw = torch.where(counts > 0, logw, float("-inf"))
+        logw = logw - torch.logsumexp(logw, dim=-1, keepdim=True)
+        # most weight first; the stable sort keeps the smaller id first among equal weights
+        logprobs, order = torch.sort(logw, dim=1, descending=True, stable=True)
+        uniq = uniq.gather(1, order)
     return uniq, logprobs, torch.full_like(lse, float("-inf")), torch.isfinite(lse)

@@ -54,6 +54,7 @@ __all__ = [
     "HardCE",
     "Mixed",
     "ReverseKL",
+    "SoftCE",
     "Targets",
     "build_loss",
     "chunked_loss",
@@ -228,6 +229,9 @@ class _KDLoss(_Loss):
     """
 
     name = ""
+    # The student logsumexp a loss reads: None, "rest" (over the ids outside the k, the tail
+    # loss) or "all" (the whole row, soft_ce).
+    student_lse: str | None = None
 
     def __init__(self, *, temperature: float = 1.0, k: int | None = None) -> None:
         super().__init__()
@@ -242,10 +246,11 @@ class _KDLoss(_Loss):
 
     def partial(self, student_logits: Tensor, targets: Targets, norms: Sequence[Tensor]) -> Tensor:
         ids, logprobs, log_tail = self._select(student_logits, targets)
-        lse_out, z_ids = _logit_stats(
-            student_logits, ids, exclude=ids.shape[1], need_lse=self.needs_tail
+        exclude = ids.shape[1] if self.student_lse == "rest" else 0
+        lse, z_ids = _logit_stats(
+            student_logits, ids, exclude=exclude, need_lse=self.student_lse is not None
         )
-        values = self._rows(z_ids, lse_out, logprobs, log_tail)  # (N,)
+        values = self._rows(z_ids, lse, logprobs, log_tail)  # (N,)
         return _masked_sum(values, targets.mask, norms[0])
 
     def _rows(
@@ -383,6 +388,7 @@ class ForwardKLWithTail(_KDLoss):
 
     name = "forward_kl_tail"
     needs_tail = True
+    student_lse = "rest"
 
     def _rows(
         self, z_ids: Tensor, lse_out: Tensor | None, logprobs: Tensor, log_tail: Tensor | None
@@ -395,30 +401,38 @@ class ForwardKLWithTail(_KDLoss):
         return _kl(log_p, log_q) * t**2
 
 
-class SampledCE(_KDLoss):
-    """Cross-entropy against sampled teacher targets (``kdcache cache --targets sampled``):
-    ``-sum_i w_i log q(id_i)`` with ``w_i = count_i / N`` (the cache's log-probs) and q the
-    student's full softmax. Its expectation over the draws is the full-distribution forward KL
-    (up to the teacher's entropy): unbiased, unlike top-k (Anshumann et al. 2025). Temperature
-    and k' do not apply to draws; padding entries (-inf) weigh 0.
+class SoftCE(_KDLoss):
+    """Cross-entropy to the cached soft targets: ``-sum_i w_i log q(id_i)`` with q the student's
+    full softmax (over the whole vocabulary) and w the cached entries renormalized.
+
+    - Sampled caches (``kdcache cache --targets sampled``): ``w_i = count_i / N``, or the stored
+      importance weights for a proposal temperature != 1. Its expectation over the draws is the
+      full forward KL (up to the teacher's entropy): unbiased (Anshumann et al. 2025).
+      Temperature and k' do not apply to draws (``kdcache train`` refuses them).
+    - Top-k caches: w is the teacher renormalized over its top-k ("sparse KD", as in Megatron-LM
+      and DistillKit). Unlike forward_kl, the student's normalizer covers every id, so it learns
+      to push the rest of the vocabulary down; still biased toward the head. At temperature T
+      both sides are tempered (w = softmax(log p / T), q = softmax(z / T)) and the loss is
+      multiplied by T**2.
+
+    Padding entries (-inf) weigh 0.
     """
 
-    name = "sampled_ce"
-
-    def __init__(self, *, temperature: float = 1.0, k: int | None = None) -> None:
-        if temperature != 1.0 or k is not None:
-            raise ConfigError(
-                f"expected no --temperature or --k with the sampled_ce loss, found temperature={temperature}, "
-                f"k={k}; drop them (sampled targets are draws at temperature 1)"
-            )
-        super().__init__()
+    name = "soft_ce"
+    student_lse = "all"
 
     def partial(self, student_logits: Tensor, targets: Targets, norms: Sequence[Tensor]) -> Tensor:
-        ids, logprobs, _ = self._select(student_logits, targets)
-        lse, z_ids = _logit_stats(student_logits, ids, exclude=0, need_lse=True)
-        w = torch.softmax(logprobs, -1)  # (N, n) count / total, 0 for padding
-        values = (w * (lse[:, None] - z_ids)).sum(-1)  # (N,)
-        return _masked_sum(values, targets.mask, norms[0])
+        t = self.temperature
+        # The student's normalizer at T needs the tempered logits (one (N, V) copy per chunk).
+        return super().partial(student_logits if t == 1.0 else student_logits / t, targets, norms)
+
+    def _rows(
+        self, z_ids: Tensor, lse: Tensor | None, logprobs: Tensor, log_tail: Tensor | None
+    ) -> Tensor:
+        # z_ids and lse come from logits already divided by T (partial above)
+        t = self.temperature
+        w = torch.softmax(logprobs / t, -1)  # (N, n) renormalized weights, 0 for padding
+        return (w * (lse[:, None] - z_ids)).sum(-1) * t**2
 
 
 class HardCE(_Loss):
@@ -473,6 +487,8 @@ class Mixed(_Loss):
             )
         self.kd, self.ce, self.alpha = kd, HardCE(), float(alpha)
         self.needs_tail = kd.needs_tail
+        # soft_ce at T != 1 needs the logsumexp of the tempered logits, CE the untempered one
+        self.shared_pass = not (kd.student_lse == "all" and kd.temperature != 1.0)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
@@ -488,20 +504,27 @@ class Mixed(_Loss):
             return self.ce.partial(student_logits, targets, norms[1:])
         if self.alpha == 1.0:
             return self.kd.partial(student_logits, targets, norms[:1])
+        if not self.shared_pass:
+            kd = self.kd.partial(student_logits, targets, norms[:1])
+            return self.alpha * kd + (1 - self.alpha) * self.ce.partial(
+                student_logits, targets, norms[1:]
+            )
         ids, logprobs, log_tail = self.kd._select(student_logits, targets)
         valid, labels = self.ce._select(targets)
         k = ids.shape[1]
+        rest = self.kd.student_lse == "rest"
         lse, z_cols = _logit_stats(
-            student_logits, torch.cat([ids, labels], -1), exclude=k if self.needs_tail else 0
+            student_logits, torch.cat([ids, labels], -1), exclude=k if rest else 0
         )
         assert lse is not None
         z_ids = z_cols[:, :k]
-        if self.needs_tail:
-            lse_out = lse  # over the columns outside the k ids; CE needs the whole row:
-            lse_all = torch.logaddexp(lse_out, torch.logsumexp(z_ids, -1))
+        if rest:
+            lse_kd = lse  # over the columns outside the k ids; CE needs the whole row:
+            lse_all = torch.logaddexp(lse, torch.logsumexp(z_ids, -1))
         else:
-            lse_out, lse_all = None, lse
-        kd = _masked_sum(self.kd._rows(z_ids, lse_out, logprobs, log_tail), targets.mask, norms[0])
+            lse_kd = lse if self.kd.student_lse == "all" else None
+            lse_all = lse
+        kd = _masked_sum(self.kd._rows(z_ids, lse_kd, logprobs, log_tail), targets.mask, norms[0])
         ce = _masked_sum(self.ce._rows(lse_all, z_cols[:, k:]), valid, norms[1])
         return self.alpha * kd + (1 - self.alpha) * ce
 
@@ -512,7 +535,7 @@ LOSSES: dict[str, type[_Loss]] = {
     "reverse_kl": ReverseKL,
     "jsd": JSD,
     "ce": HardCE,
-    "sampled_ce": SampledCE,
+    "soft_ce": SoftCE,
 }
 
 

@@ -396,16 +396,17 @@ def run_train(cfg: TrainConfig) -> dict:
         )
     if cfg.eval_cache:
         _check_same_tokens(cache, CacheReader(cfg.eval_cache), cfg)
-    sampled = cache.schema.targets == "sampled"
-    if cfg.loss != "ce" and sampled != (cfg.loss == "sampled_ce"):
-        raise ConfigError(
-            f"--loss {cfg.loss} does not fit this cache's {cache.schema.targets} targets; use "
-            + (
-                "--loss sampled_ce (or ce)"
-                if sampled
-                else "a top-k loss (forward_kl, forward_kl_tail, reverse_kl, jsd)"
+    if cache.schema.targets == "sampled":
+        if cfg.loss not in ("soft_ce", "ce"):
+            raise ConfigError(
+                f"--loss {cfg.loss} does not fit this cache's sampled targets (draws, not the "
+                "teacher's top-k); use --loss soft_ce (or ce)"
             )
-        )
+        if cfg.temperature != 1.0 or cfg.k is not None:
+            raise ConfigError(
+                f"expected no --temperature or --k on a sampled cache, found temperature="
+                f"{cfg.temperature}, k={cfg.k}; drop them (the draws are stored at temperature 1)"
+            )
     loss_fn = build_loss(
         cfg.loss, temperature=cfg.temperature, k=cfg.k, alpha=cfg.alpha, beta=cfg.beta
     )

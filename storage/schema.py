@@ -36,7 +36,9 @@ class CacheSchema:
     """What every part of one cache stores; recorded in each part record and the manifest.
 
     k: top-k entries per target row (targets="sampled": the number of draws N; a row holds the
-    unique ids drawn, most drawn first, log-probs log(count / N), -inf padding). vocab_size: the teacher's output size (ids < vocab_size).
+    unique ids drawn, most drawn first, log-probs log(count / N), -inf padding; with a
+    proposal_temperature tau != 1 the draws come from the teacher at tau and the log-probs are
+    normalized log importance weights). vocab_size: the teacher's output size (ids < vocab_size).
     logprob_dtype: storage type of the top-k log-probs (no bfloat16: neither Zarr v3 nor Arrow
     names it). targets_on: "all" stores a target row for every position; "mask" stores rows only
     for positions whose loss_mask is 1 (chat data with --targets-on assistant).
@@ -48,6 +50,7 @@ class CacheSchema:
     targets_on: str = "all"
     targets: str = "topk"
     codec: str = "plain"
+    proposal_temperature: float = 1.0  # targets="sampled": the temperature the draws came from
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +72,14 @@ class CacheSchema:
             problems.append(f"targets must be one of {TARGET_KINDS}, got {self.targets!r}")
         if self.codec not in CODECS:
             problems.append(f"codec must be one of {CODECS}, got {self.codec!r}")
+        tau = self.proposal_temperature
+        if not isinstance(tau, int | float) or not tau > 0:
+            problems.append(f"proposal_temperature must be > 0, got {tau!r}")
+        elif tau != 1.0 and self.targets != "sampled":
+            problems.append(
+                f"proposal_temperature {tau} applies to sampled targets only, found targets="
+                f"{self.targets!r}; use --targets sampled or drop --proposal-temperature"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 

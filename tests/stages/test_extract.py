@@ -89,6 +89,35 @@ def test_sampled_targets_are_unbiased_and_reproducible():
     assert (ids[torch.isneginf(lp)] == 0).all()
 
 
+@pytest.mark.parametrize("tau", [0.7, 2.0])
+def test_proposal_temperature_importance_weights_converge_to_the_teacher(tau):
+    """Draws from softmax(z / tau), weighted count * p / r and normalized: the average target
+    converges to the teacher's p (self-normalized importance sampling; bias O(1 / N)), while the
+    plain counts of the draws converge to the proposal r, not p (so the weights matter)."""
+    from kdcache.stages.extract import row_seeds, sample_from_logits
+
+    torch.manual_seed(2)
+    V, N, rows = 40, 64, 4000
+    z = torch.randn(1, V) * 2
+    p = torch.softmax(z, -1)[0].double()
+    seeds = row_seeds(torch.full((rows,), 99, dtype=torch.int64), torch.arange(rows))
+    ids, lp, tail, finite = sample_from_logits(z.expand(rows, V).clone(), N, seeds, tau)
+    assert finite.all() and torch.isneginf(tail).all()
+    w = lp.exp().double()
+    assert torch.allclose(w.sum(1), torch.ones(rows, dtype=torch.float64))
+    assert (lp[:, :-1] >= lp[:, 1:]).all()  # most weight first, padding (-inf) last
+    est = torch.zeros(V, dtype=torch.float64).index_add_(0, ids.flatten(), w.flatten()) / rows
+    assert (est - p).abs().max() < 0.01, (est - p).abs().max()
+    plain = torch.zeros(V, dtype=torch.float64).index_add_(
+        0, ids.flatten(), torch.isfinite(lp).flatten().double()
+    )
+    assert (plain / plain.sum() - p).abs().max() > 0.02  # unique-id frequencies are not p
+    # tau > 1 reaches more unique ids per row than tau = 1, tau < 1 fewer
+    _, lp1, _, _ = sample_from_logits(z.expand(rows, V).clone(), N, seeds)
+    more = torch.isfinite(lp).sum(1).double().mean() > torch.isfinite(lp1).sum(1).double().mean()
+    assert more == (tau > 1)
+
+
 def test_sampled_ce_gradient_matches_full_kd_in_expectation():
     """E[grad of the sampled CE] = grad of the full-distribution forward KL (same student)."""
     from kdcache.stages.extract import row_seeds, sample_from_logits
@@ -106,7 +135,7 @@ def test_sampled_ce_gradient_matches_full_kd_in_expectation():
     )  # out of inference mode, as read from a cache
     student = torch.randn(1, V, dtype=torch.float64)
     s = student.expand(rows, V).clone().requires_grad_(True)
-    build_loss("sampled_ce")(s, topk_ids=ids, topk_logprobs=lp, log_tail=tail).backward()
+    build_loss("soft_ce")(s, topk_ids=ids, topk_logprobs=lp, log_tail=tail).backward()
     sampled_grad = s.grad.sum(0)  # mean over rows already in the loss
     full = student.clone().requires_grad_(True)
     torch.nn.functional.kl_div(
@@ -159,3 +188,45 @@ def test_sampled_capture_is_reproducible_across_shard_counts(tmp_path, gpt_teach
         w = np.exp(s.topk_logprobs.astype(np.float64))
         np.testing.assert_allclose(w.sum(1), 1.0, rtol=2e-3)  # float16 log(count / 8)
         assert np.isneginf(s.log_tail).all()
+
+
+def test_proposal_temperature_is_recorded_and_trains_with_soft_ce(tmp_path, gpt_teacher, corpus):
+    """--proposal-temperature: recorded in the schema (so the cache says what its weights are),
+    part of the identity (a rerun at another tau refuses), refused without --targets sampled,
+    and the weights train a student with soft_ce."""
+    import numpy as np
+
+    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.stages.train import TrainConfig, run_train
+    from kdcache.storage.errors import ConfigError, KDCacheError
+    from kdcache.storage.reader import CacheReader
+
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(corpus["train"][:4]))
+    base = dict(teacher=str(gpt_teacher), data=str(data), k=8, targets="sampled", progress=False)
+    run_capture(CaptureConfig(out=str(tmp_path / "c"), proposal_temperature=2.0, **base))
+    cache = CacheReader(tmp_path / "c")
+    assert cache.schema.proposal_temperature == 2.0
+    s = next(iter(cache))
+    w = np.exp(s.topk_logprobs.astype(np.float64))
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=2e-3)
+    counts = w * 8  # not multiples of 1/N any more: importance weights
+    assert np.abs(counts - np.round(counts)).max() > 0.01
+    with pytest.raises(KDCacheError, match="proposal_temperature"):
+        run_capture(CaptureConfig(out=str(tmp_path / "c"), proposal_temperature=0.5, **base))
+    with pytest.raises(ConfigError, match="applies to --targets sampled only"):
+        CaptureConfig(
+            teacher=str(gpt_teacher), data=str(data), out="x", proposal_temperature=2.0
+        ).validate()
+    m = run_train(
+        TrainConfig(
+            cache=str(tmp_path / "c"),
+            student="nano",
+            out=str(tmp_path / "run"),
+            loss="soft_ce",
+            steps=2,
+            batch_size=2,
+            progress=False,
+        )
+    )
+    assert np.isfinite(m["train_loss"])

@@ -14,12 +14,13 @@ from kdcache.stages.losses import (
     HardCE,
     Mixed,
     ReverseKL,
+    SoftCE,
     build_loss,
     chunked_loss,
 )
 from kdcache.storage.errors import ConfigError
 
-KD_LOSSES = [ForwardKL, ForwardKLWithTail, ReverseKL, JSD]
+KD_LOSSES = [ForwardKL, ForwardKLWithTail, ReverseKL, JSD, SoftCE]
 
 
 def make_batch(n=6, v=20, k=5, *, seed=0, dtype=torch.float32, student_vocab=None):
@@ -149,6 +150,33 @@ def test_topk_losses_equal_direct_formulas(loss_cls, t):
     b = make_batch(n=6, v=25, k=7, seed=4)
     loss = loss_cls(temperature=t)(b["student"], **targets(b))
     torch.testing.assert_close(loss.double(), ref_topk(b, loss_cls, t).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.5])
+def test_soft_ce_is_cross_entropy_to_renormalized_topk_under_full_softmax(t):
+    b = make_batch(n=6, v=25, k=7, seed=4)
+    mask = torch.tensor([1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    loss = SoftCE(temperature=t)(b["student"], **targets(b), mask=mask)
+    w = (b["topk_logprobs"].double() / t).softmax(-1)  # teacher renormalized over its top-k
+    log_q = (b["student"].double() / t).log_softmax(-1).gather(1, b["topk_ids"])  # full softmax
+    expected = masked_mean(-(w * log_q).sum(-1), mask) * t**2
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # Differs from forward_kl, whose student normalizer covers only the k ids:
+    assert not torch.isclose(loss, ForwardKL(temperature=t)(b["student"], **targets(b), mask=mask))
+
+
+def test_mixed_soft_ce_at_t1_shares_one_pass_and_equals_its_parts():
+    b = make_batch(seed=8)
+    mix = Mixed(SoftCE(), 0.4)
+    assert mix.shared_pass and not Mixed(SoftCE(temperature=2.0), 0.4).shared_pass
+    x = b["student"].clone().requires_grad_()
+    loss = mix(x, **targets(b))
+    loss.backward()
+    y = b["student"].clone().requires_grad_()
+    expected = 0.4 * SoftCE()(y, **targets(b)) + 0.6 * F.cross_entropy(y, b["labels"])
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.9])
@@ -341,7 +369,7 @@ def test_chunked_all_masked_gives_zero_and_zero_gradient():
 
 
 def test_build_loss_registry():
-    assert set(LOSSES) == {"forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce", "sampled_ce"}
+    assert set(LOSSES) == {"forward_kl", "forward_kl_tail", "reverse_kl", "jsd", "ce", "soft_ce"}
     assert isinstance(build_loss("forward_kl", temperature=2.0, k=4), ForwardKL)
     jsd = build_loss("jsd", beta=0.2)
     assert isinstance(jsd, JSD) and jsd.beta == 0.2

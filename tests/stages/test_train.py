@@ -498,7 +498,7 @@ BAD_INPUT = {
     "empty cache": (_empty_cache, ["holds no sequences"]),
     "ce with alpha": (_plain(loss="ce", alpha=0.5), ["no alpha with --loss ce"]),
     "device": (_plain(device="tpu"), ["--device"]),
-    "top-k loss on a sampled cache": (_topk_loss_on_sampled_cache, ["does not fit", "sampled_ce"]),
+    "top-k loss on a sampled cache": (_topk_loss_on_sampled_cache, ["does not fit", "soft_ce"]),
     "eval cache with another tokenizer": (
         _eval_cache_other_tokenizer,
         ["--eval-cache", "another tokenizer"],
