@@ -39,3 +39,7 @@ class ConfigError(KDCacheError):
 
 class PartLockedError(KDCacheError):
     """Another writer holds a live lease on the part."""
+
+
+class WriteFailedError(KDCacheError):
+    """Writing a part failed (disk full, I/O error); what was flushed before stays resumable."""

@@ -10,6 +10,11 @@
 After every flush the part's ``progress.json`` records what is durable; a rerun (same identity)
 continues from there, so at most one flush interval of work is repeated and the result is
 bit-identical to an uninterrupted run. ``part.json`` is written last, after fsync of the data.
+
+One writer per part: the writer holds the part's lease (kdcache.storage.lease) from before it
+touches the folder until its commit, renewed by a heartbeat and at each flush; a second writer
+is refused while the lease is live. An OSError while writing (disk full) stops the writer with
+a one-line ``WriteFailedError``; what was flushed before stays durable and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from kdcache.storage.base import get_backend
 from kdcache.storage.codecs import get_codec, reconstruction_kl
-from kdcache.storage.errors import CacheMismatchError
+from kdcache.storage.errors import CacheMismatchError, WriteFailedError
 from kdcache.storage.integrity import file_table
+from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease, is_lease_file
 from kdcache.storage.manifest import (
     MANIFEST,
     PART_RECORD,
@@ -147,6 +154,8 @@ class PartWriter:
         backend_options: dict | None = None,
         config: dict | None = None,
         flush_positions: int = 65536,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        lease_wait: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.identity = identity
@@ -164,16 +173,34 @@ class PartWriter:
         self.counts = {"sequences": 0, "positions": 0, "rows": 0, "docs": 0}
         self.codec = get_codec(self.schema.codec)
         self.codec_error = KLHistogram()
-        self.committed = (self.dir / PART_RECORD).exists() and read_json(
-            self.dir / PART_RECORD
-        ) is not None
         self._writer = None
-        if self.committed:
+        self.committed = False
+        self.lease: Lease | None = None
+        if self._is_committed():
+            self.committed = True
             return
+        # The lease first: nothing in the folder is touched while another writer is live.
+        self.lease = Lease(self.dir, duration=lease_seconds).acquire(wait=lease_wait)
+        try:
+            self.committed = self._is_committed()  # finished while we waited for the lease
+            if self.committed:
+                self.release()
+                return
+            self._open()
+        except BaseException:
+            self.release()
+            raise
+        self.lease.start_heartbeat()
+
+    def _is_committed(self) -> bool:
+        return read_json(self.dir / PART_RECORD) is not None
+
+    def _open(self) -> None:
         progress = read_json(self.dir / PROGRESS)
-        if progress is None and self.dir.exists():
-            shutil.rmtree(self.dir)  # killed before its first flush: nothing durable to keep
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if progress is None:  # killed before its first flush: nothing durable to keep
+            for p in self.dir.iterdir():
+                if not is_lease_file(p.name):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         state = progress["backend_state"] if progress else None
         self._writer = self.backend.writer(self.dir, self.schema, self.backend_options, state)
         if progress:
@@ -234,8 +261,7 @@ class PartWriter:
         if self.codec.name != "plain":  # measure what the codec loses, row by row
             kl = reconstruction_kl(block, self.codec.decode(stored, self.schema))
             self.codec_error.add(kl)
-        self._writer.append(stored)
-        _tokens_update(self._hash, block)
+        counts = dict(self.counts)
         c = block.counts()
         for key, axis in (
             ("sequences", "sequence"),
@@ -243,19 +269,38 @@ class PartWriter:
             ("rows", "row"),
             ("docs", "doc"),
         ):
-            self.counts[key] += c[axis]
-        write_json_durable(
-            self.dir / PROGRESS,
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "kind": "progress",
-                **self.identity.to_dict(),
-                "counts": self.counts,
-                "backend_state": self._writer.state(),
-                "codec_error": self.codec_error.state(),
-            },
+            counts[key] += c[axis]
+        self.lease.check()  # never write next to a writer that took the part over
+        self._io(lambda: self._writer.append(stored))
+        self._io(
+            lambda: write_json_durable(
+                self.dir / PROGRESS,
+                {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "kind": "progress",
+                    **self.identity.to_dict(),
+                    "counts": counts,
+                    "backend_state": self._writer.state(),
+                    "codec_error": self.codec_error.state(),
+                },
+            )
         )
+        self.counts = counts
+        _tokens_update(self._hash, block)
+        self._io(self.lease.renew)
+
+    def _io(self, write: Callable[[], object]) -> None:
+        """Run one write; an OSError (disk full, I/O error) becomes a one-line WriteFailedError."""
+        try:
+            write()
+        except OSError as e:
+            reason = f"{e.strerror or e} ({e.filename})" if e.filename else str(e)
+            raise WriteFailedError(
+                f"{self.dir}: writing failed after {self.counts['sequences']:,} durable sequences "
+                f"({self.counts['positions']:,} positions): {reason}; free space or fix the disk, then "
+                "rerun the same command: it resumes after the durable sequences"
+            ) from e
 
     def _record(self, state: dict, files: dict) -> dict:
         return {
@@ -278,7 +323,8 @@ class PartWriter:
         if self.committed:
             return read_json(self.dir / PART_RECORD)
         self.flush()
-        self._writer.close()
+        self._io(self._writer.close)
+        self.lease.check()
         record = self._record(self._writer.state(), file_table(self.dir))
         if self.codec.name != "plain":
             record["codec_error"] = self.codec_error.summary()
@@ -288,10 +334,16 @@ class PartWriter:
             created=now_iso(),
             **(extra or {}),
         )
-        write_json_durable(self.dir / PART_RECORD, record)
+        self._io(lambda: write_json_durable(self.dir / PART_RECORD, record))
         (self.dir / PROGRESS).unlink(missing_ok=True)
         self.committed = True
+        self.release()
         return record
+
+    def release(self) -> None:
+        """Give up the part's lease (commit does; call it when stopping on an error)."""
+        if self.lease is not None:
+            self.lease.release()
 
 
 def write_cache(root: Path, identity: CacheIdentity, blocks: list[Block], **kwargs) -> dict:

@@ -58,7 +58,8 @@ class ZarrWriter(BackendWriter):
             dict(state["counts"]) if state else {"sequence": 0, "position": 0, "row": 0, "doc": 0}
         )
         if state is None:
-            self.group = zarr.open_group(self.part_dir, mode="w", zarr_format=3)
+            # "a", not "w": the part writer has emptied the folder but for its lease file
+            self.group = zarr.open_group(self.part_dir, mode="a", zarr_format=3)
             self.arrays = {name: self._create(name) for name in self.specs}
             for name in OFFSET_ARRAYS:  # offsets start with a single 0 row
                 self._write(name, 0, np.zeros(1, dtype=np.int64))
