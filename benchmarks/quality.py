@@ -2,7 +2,8 @@
 
 Built-in teacher and corpus; students of one size (``--student``), the same steps and seeds, from:
 hard labels only; online full-logit KD (teacher live: the reference); cached top-k KD for k in
-{1, 8, 32, 128}, with and without the rest bucket; sampled targets with N in {16, 64}. Prints (and
+{1, 8, 32, 128} with three losses (forward KL renormalized over the top-k, forward KL with the rest
+bucket, soft CE under the student's full softmax); sampled targets with N in {16, 64}. Prints (and
 writes WORKDIR/quality.md, quality.json, quality.png) held-out cross-entropy (mean +- std over
 seeds), expected calibration error, top-1 agreement with the teacher, bytes per position, capture
 time, and the share of online KD's gain each method keeps: (CE_hard - CE_m) / (CE_hard - CE_online).
@@ -179,6 +180,7 @@ def main() -> None:
     for k in (1, 8, 32, 128):
         methods[f"top-{k} forward KL"] = (f"top{k}", "forward_kl", None)
         methods[f"top-{k} forward KL + rest bucket"] = (f"top{k}", "forward_kl_tail", None)
+        methods[f"top-{k} soft CE"] = (f"top{k}", "soft_ce", None)
     for n in (16, 64):
         methods[f"sampled N={n}"] = (f"sampled{n}", "soft_ce", None)
     results = {}

@@ -29,6 +29,7 @@ from kdcache.storage.errors import (
     CacheMismatchError,
     FormatVersionError,
     IntegrityError,
+    KDCacheError,
     MissingPartError,
     NotACacheError,
     NotFinalizedError,
@@ -150,7 +151,13 @@ class CacheIdentity:
         }
 
     def check_matches(self, found: dict, where: Path) -> None:
-        diffs = identity_diff(self.to_dict(), {k: found.get(k) for k in self.to_dict()})
+        found = {k: found.get(k) for k in self.to_dict()}
+        if isinstance(found["schema"], dict):
+            try:  # fields added since the cache was written compare as their defaults
+                found["schema"] = CacheSchema.from_dict(found["schema"]).to_dict()
+            except KDCacheError:
+                pass  # reported below as a difference
+        diffs = identity_diff(self.to_dict(), found)
         if diffs:
             raise CacheMismatchError(
                 f"{where} holds a cache made with other settings ({'; '.join(diffs[:4])}"

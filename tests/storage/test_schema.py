@@ -57,3 +57,20 @@ def test_bad_sequences_are_refused():
     ]:
         with pytest.raises(ConfigError, match=msg):
             Block.from_sequences([Sequence(**{**good, **change})], schema)
+
+
+def test_identity_of_a_cache_written_before_a_schema_field_existed_still_matches(tmp_path):
+    """A manifest without a field added later (proposal_temperature) compares as its default,
+    so an older cache still resumes; a real difference is still refused."""
+    from kdcache.storage.errors import CacheMismatchError
+    from kdcache.storage.manifest import CacheIdentity
+
+    ident = CacheIdentity(
+        backend="zarr", schema=CacheSchema(k=4, vocab_size=64), fingerprints={}, settings={}
+    )
+    old = ident.to_dict()
+    del old["schema"]["proposal_temperature"]
+    ident.check_matches(old, tmp_path)
+    old["schema"]["k"] = 8
+    with pytest.raises(CacheMismatchError, match="schema.k: cache has 8, this run has 4"):
+        ident.check_matches(old, tmp_path)
