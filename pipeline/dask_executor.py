@@ -1,0 +1,178 @@
+"""Stage one on a Dask cluster: one task per part, the teacher loaded once per worker.
+
+Imported only by ``run_dask`` (kdcache.pipeline.executors): distributed is needed here only.
+
+* ``TeacherPlugin`` (a ``distributed.WorkerPlugin``) starts loading the teacher when it is
+  attached to a worker (every worker, and workers that join or restart later), in a thread so
+  the worker's event loop keeps answering the scheduler during a long load. On a LocalCluster
+  made here with several GPUs, worker i takes cuda:i; on dask-cuda clusters each worker already
+  sees its own GPU as cuda:0.
+* ``_capture_task(shard)`` fetches the worker's session and runs ``capture_part``: the same
+  function a single process runs. A task that dies with its worker is retried elsewhere by the
+  scheduler; the part's lease makes the retry wait until the dead writer's lease is gone
+  (at once on the same host, after expiry on another), so two writers never share a part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from dataclasses import replace
+
+import torch
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
+from distributed.scheduler import KilledWorker
+
+from kdcache.pipeline.executors import CaptureRun
+from kdcache.stages.capture import CaptureConfig, CaptureSession, capture_part, load_session
+from kdcache.storage.errors import KDCacheError
+from kdcache.storage.manifest import part_name
+from kdcache.storage.writer import prepare_output
+
+log = logging.getLogger(__name__)
+
+PLUGIN = "kdcache-teacher"
+
+
+class TeacherPlugin(WorkerPlugin):
+    """Loads the capture session (teacher + tokenizer) once per worker."""
+
+    name = PLUGIN
+
+    def __init__(
+        self,
+        cfg: CaptureConfig,
+        *,
+        torch_threads: int | None = None,
+        gpu_per_worker: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.torch_threads = torch_threads
+        self.gpu_per_worker = gpu_per_worker
+        self._session: CaptureSession | None = None
+        self._error: BaseException | None = None
+        self._loading: threading.Thread | None = None
+
+    def setup(self, worker) -> None:
+        cfg = self.cfg
+        gpus = torch.cuda.device_count()
+        if self.gpu_per_worker and cfg.device in ("auto", "cuda") and gpus > 1:
+            if isinstance(worker.name, int):  # LocalCluster workers are named 0, 1, ...
+                cfg = replace(cfg, device=f"cuda:{worker.name % gpus}")
+
+        def load() -> None:
+            try:
+                if self.torch_threads:
+                    torch.set_num_threads(self.torch_threads)
+                self._session = load_session(cfg, cfg.num_shards)
+                log.info("worker %s: teacher loaded on %s", worker.name, self._session.device)
+            except BaseException as e:  # re-raised by every task on this worker
+                self._error = e
+
+        self._loading = threading.Thread(target=load, daemon=True, name="kdcache-teacher-load")
+        self._loading.start()
+
+    def teardown(self, worker) -> None:
+        self._session = None
+
+    def session(self) -> CaptureSession:
+        self._loading.join()
+        if self._error is not None:
+            raise self._error
+        return self._session
+
+
+def _session() -> tuple[CaptureSession, TeacherPlugin]:
+    plugin = get_worker().plugins[PLUGIN]
+    session = plugin.session()
+    if plugin.torch_threads:
+        torch.set_num_threads(plugin.torch_threads)  # per thread for OpenMP: set in the task
+    return session, plugin
+
+
+def _prepare_task(replace_stale: bool) -> dict:
+    """Refuse (or clear, with --replace) a cache made with other settings; runs once."""
+    session, _ = _session()
+    prepare_output(session.cfg.out, session.identity, replace=replace_stale)
+    return session.identity.to_dict()
+
+
+def _capture_task(shard: int):
+    session, _ = _session()
+    return capture_part(session, shard)
+
+
+def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureConfig):
+    """(client, cluster we made or None, number of workers, plugin options)."""
+    if scheduler is None:
+        gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+        n = workers or min(cfg.num_shards, gpus or max(1, (os.cpu_count() or 1)))
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=processes,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        threads = max(1, (os.cpu_count() or 1) // n) if processes and not gpus else None
+        return Client(cluster), cluster, {"torch_threads": threads, "gpu_per_worker": True}
+    if isinstance(scheduler, Client):
+        return scheduler, None, {}
+    if isinstance(scheduler, str):
+        return Client(scheduler), None, {}
+    return Client(scheduler), None, {}  # a cluster object (SLURMCluster, LocalCUDACluster, ...)
+
+
+def run_on_dask(
+    cfg: CaptureConfig,
+    shards: list[int],
+    run: CaptureRun,
+    *,
+    scheduler=None,
+    workers: int | None = None,
+    processes: bool = True,
+) -> None:
+    """Capture ``shards`` on the cluster; fills ``run.parts`` (in part order) and run.workers."""
+    # A task retried after its worker died waits (bounded) for the dead writer's lease to expire.
+    cfg = replace(cfg, progress=False, lease_wait=max(cfg.lease_wait, 1.5 * cfg.lease_seconds))
+    client, cluster, options = _open_client(scheduler, workers, processes, cfg)
+    try:
+        if cluster is None and not client.scheduler_info()["workers"]:
+            client.wait_for_workers(1, timeout=600)
+        run.workers = len(client.scheduler_info()["workers"])
+        log.info(
+            "dask: %d workers (%s); %d parts", run.workers, client.scheduler.address, len(shards)
+        )
+        client.register_plugin(TeacherPlugin(cfg, **options), name=PLUGIN)
+        token = uuid.uuid4().hex[:8]
+        client.submit(_prepare_task, cfg.replace, key=f"kdcache-prepare-{token}").result()
+        futures = {
+            client.submit(_capture_task, s, key=f"kdcache-{part_name(s)}-{token}"): s
+            for s in shards
+        }
+        results, errors = {}, []
+        for future in as_completed(futures):
+            shard = futures[future]
+            try:
+                results[shard] = future.result()
+                log.info(results[shard].line())
+            except KilledWorker as e:
+                errors.append(
+                    f"{part_name(shard)}: its worker died on every try ({e}); "
+                    "the part resumes from its last flush when you rerun"
+                )
+            except KDCacheError as e:
+                errors.append(f"{part_name(shard)}: {e}")
+        run.parts = [results[s] for s in sorted(results)]
+        if errors:
+            raise KDCacheError(
+                f"{len(errors)} of {len(shards)} parts failed (the others are committed; rerun to "
+                f"finish): {errors[0]}"
+                + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+            )
+    finally:
+        if cluster is not None:
+            client.close()
+            cluster.close()
