@@ -181,9 +181,46 @@ def _shard_index(value: str) -> int | str:
 )
 @click.option(
     "--shard-index",
-    default="0",
+    default=None,
+    help="This job's part (default 0), or 'env' to read SLURM_ARRAY_TASK_ID/COUNT or "
+    "RANK/WORLD_SIZE. Not with --executor dask, which runs every part.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "dask"]),
+    default="local",
     show_default=True,
-    help="This job's part, or 'env' to read SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE.",
+    help="local: this process captures part --shard-index; dask: every part of --num-shards, one "
+    "task per part on a Dask cluster (each worker loads the teacher once), then finalize.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="With --executor dask: the address of a running Dask scheduler (tcp://host:8786); "
+    "default: a LocalCluster on this machine (see docs/SCALING.md).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="With --executor dask and no --scheduler: LocalCluster workers (1 thread each); "
+    "default: one per GPU, else one per CPU core, at most --num-shards.",
+)
+@click.option(
+    "--lease-seconds",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="A writer's lease on its part lasts this long and is renewed while it works; a killed "
+    "writer's part is free again after it (at once on the same host).",
+)
+@click.option(
+    "--lease-wait",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Wait up to this many seconds for another writer's live lease to expire before refusing "
+    "(e.g. a requeued job whose previous node died).",
 )
 @click.option(
     "--batch-tokens",
@@ -219,17 +256,31 @@ def cache(**opts) -> None:
     """Run the teacher once over DATA and store its top-k in the cache OUT.
 
     Resumable: rerun the same command after an interruption. With --num-shards N, run one job
-    per --shard-index (or --shard-index env in a SLURM array), then `kdcache finalize OUT`."""
+    per --shard-index (or --shard-index env in a SLURM array), then `kdcache finalize OUT`; or
+    --executor dask to run every part on a Dask cluster (docs/SCALING.md)."""
     from kdcache.stages.capture import CaptureConfig, run_capture
 
-    opts["shard_index"] = _shard_index(opts["shard_index"])
+    executor, scheduler, workers = opts.pop("executor"), opts.pop("scheduler"), opts.pop("workers")
+    if executor == "local" and (scheduler is not None or workers is not None):
+        raise click.UsageError("--scheduler and --workers go with --executor dask")
+    if executor == "dask" and opts["shard_index"] is not None:
+        raise click.UsageError(
+            "--executor dask runs every part of --num-shards; drop --shard-index"
+        )
+    opts["shard_index"] = _shard_index(opts["shard_index"] or "0")
     samples = opts.pop("samples")
     if opts["targets"] == "sampled":
         opts["k"] = samples  # a row holds up to N unique draws
     opts["progress"] = not opts.pop("no_progress")
     for key in ("data", "out"):
         opts[key] = str(opts[key])
-    summary = run_capture(CaptureConfig(**opts))
+    cfg = CaptureConfig(**opts)
+    if executor == "dask":
+        from kdcache.pipeline.executors import run_dask
+
+        click.echo(run_dask(cfg, scheduler=scheduler, workers=workers).line())
+        return
+    summary = run_capture(cfg)
     click.echo(summary.line())
 
 
