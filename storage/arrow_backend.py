@@ -15,6 +15,7 @@ first time a reader touches the file (and by ``kdcache verify``).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -163,19 +164,76 @@ class ArrowReader(BackendReader):
                 f"part.json says {self.num_sequences}; run `kdcache verify`"
             )
         self._open: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._checked: set[int] = set()
 
-    def _file(self, fi: int) -> pa.ipc.RecordBatchFileReader:
-        if fi not in self._open:
-            name = self.files[fi]["name"]
-            path = self.part_dir / name
-            found = file_crc32c(path)
+    def _check(self, fi: int) -> Path:
+        """The path of file fi, its crc32c checked against part.json on first use."""
+        name = self.files[fi]["name"]
+        path = self.part_dir / name
+        if fi not in self._checked:
+            found = file_crc32c(path) if path.is_file() else "missing"
             if found != self.checksums[name]:
                 raise IntegrityError(
                     f"{path}: crc32c {found} does not match {self.checksums[name]} in part.json; "
                     "the file is damaged: recapture the part"
                 )
-            self._open[fi] = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+            self._checked.add(fi)
+        return path
+
+    def _file(self, fi: int) -> pa.ipc.RecordBatchFileReader:
+        if fi not in self._open:
+            self._open[fi] = pa.ipc.open_file(pa.memory_map(str(self._check(fi)), "r"))
         return self._open[fi]
+
+    def batch_rows(self) -> list[tuple[int, int, int]]:
+        """(file index, batch index, target rows) of every record batch, in order; decodes only
+        the small log_tail column of each batch (after the file's checksum)."""
+        out = []
+        for fi, f in enumerate(self.files):
+            with self._columns(fi, ("log_tail",)) as (reader, _):
+                for bi in range(len(f["batches"])):
+                    out.append((fi, bi, len(self._get(reader, fi, bi).column(0).flatten())))
+        return out
+
+    def read_topk(self, fi: int, bi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored (topk_ids (R, k), topk_logprobs (R, k), log_tail (R,)) of one record batch.
+        Reads that batch's buffers only (no memory map: out-of-core passes such as
+        ``kdcache stats`` keep their address space small); safe from many threads."""
+        names = ("topk_ids", "topk_logprobs", "log_tail")
+        with self._columns(fi, names) as (reader, _):
+            batch = self._get(reader, fi, bi)
+            try:
+                ids, lp = (batch.column(n).flatten().flatten().to_numpy() for n in names[:2])
+                tail = batch.column("log_tail").flatten().to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                raise IntegrityError(
+                    f"{self.part_dir}: cannot decode record batch {bi} of {self.files[fi]['name']}: {e}"
+                ) from e
+        k = self.schema.k
+        return ids.reshape(-1, k), lp.reshape(-1, k), tail
+
+    @contextmanager
+    def _columns(self, fi: int, names: tuple[str, ...]):
+        """(reader of file fi that decodes only the named columns, its file), read with plain
+        file reads."""
+        path = self._check(fi)
+        with pa.OSFile(str(path), "rb") as f:
+            try:
+                fields = [pa.ipc.open_file(f).schema.get_field_index(n) for n in names]
+                options = pa.ipc.IpcReadOptions(included_fields=fields)
+                yield pa.ipc.open_file(f, options=options), f
+            except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+                raise IntegrityError(
+                    f"{path}: cannot open the Arrow file ({e}); run `kdcache verify`"
+                ) from e
+
+    def _get(self, reader: pa.ipc.RecordBatchFileReader, fi: int, bi: int) -> pa.RecordBatch:
+        try:
+            return reader.get_batch(bi)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise IntegrityError(
+                f"{self.part_dir}: cannot decode record batch {bi} of {self.files[fi]['name']}: {e}"
+            ) from e
 
     def read(self, start: int, stop: int) -> Block:
         if stop <= start:

@@ -39,79 +39,215 @@ def file_table(part_dir: Path) -> dict[str, dict]:
     }
 
 
-def check_files(part_dir: Path, expected: dict[str, dict]) -> list[str]:
-    """Problems found comparing a part's files against its recorded table (empty when intact)."""
+def check_files(
+    part_dir: Path, expected: dict[str, dict], *, where: str | None = None
+) -> list[str]:
+    """Problems found comparing a part's files against its recorded table (empty when intact).
+
+    Each names the file (as ``where/relative path``; where defaults to part_dir) and what is
+    wrong: missing, wrong size, checksum mismatch, or not recorded in part.json."""
     part_dir = Path(part_dir)
+    where = str(part_dir) if where is None else where
     problems = []
     for rel, want in sorted(expected.items()):
         p = part_dir / rel
-        if not p.exists():
-            problems.append(f"{p}: missing")
+        if not p.is_file():
+            problems.append(f"{where}/{rel}: missing file (part.json records it)")
             continue
         size = p.stat().st_size
         if size != want["bytes"]:
-            problems.append(f"{p}: {size} bytes, part.json records {want['bytes']}")
+            problems.append(
+                f"{where}/{rel}: wrong size: {size} bytes, part.json records {want['bytes']}"
+            )
             continue
         got = file_crc32c(p)
         if got != want["crc32c"]:
-            problems.append(f"{p}: crc32c {got}, part.json records {want['crc32c']}")
+            problems.append(
+                f"{where}/{rel}: checksum mismatch: crc32c {got}, part.json records {want['crc32c']}"
+            )
     extra = sorted(
         set(f.relative_to(part_dir).as_posix() for f in data_files(part_dir)) - set(expected)
     )
-    problems += [f"{part_dir / rel}: not recorded in part.json" for rel in extra]
+    problems += [f"{where}/{rel}: file not recorded in part.json" for rel in extra]
     return problems
 
 
 def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
-    """Every problem found in a cache (empty when intact): files against their checksums,
-    then (decode=True) every block decoded (zarr checks each chunk's crc32c) and its structure
-    checked: offsets, counts, id ranges, target rows against the loss mask."""
+    """Every problem found in a finalized cache (empty when intact), each naming the part and
+    file and what is wrong.
+
+    Checks: the manifest against the part records (identity, counts, bytes, tokens hash, the
+    part list); every file's size and crc32c against part.json; each array's shape against the
+    part's counts; then (decode=True) every chunk decoded (zarr checks each chunk's crc32c) and
+    the structure: offsets, counts, id ranges, target rows against the loss mask and the
+    recomputed tokens_sha256. Raises (a KDCacheError) only when root is not a cache of a
+    version this kdcache reads: then nothing can be verified.
+    """
+    from kdcache.storage.errors import KDCacheError
+    from kdcache.storage.manifest import (
+        MANIFEST,
+        check_format,
+        identity_diff,
+        load_manifest,
+        part_name,
+        parts_dir,
+        read_json,
+    )
+    from kdcache.storage.schema import CacheSchema
+
+    root = Path(root)
+    manifest = read_json(root / MANIFEST)
+    if manifest is None:
+        if (root / MANIFEST).is_file():
+            return [f"{MANIFEST}: damaged (not valid JSON); rerun `kdcache finalize {root}`"]
+        load_manifest(root)  # raises: no such directory, not a cache, not finalized
+    check_format(manifest, root / MANIFEST)
+    schema = CacheSchema.from_dict(manifest["schema"])
+    problems: list[str] = []
+    listed = [p["name"] for p in manifest["parts"]]
+    expected = [part_name(i) for i in range(int(manifest["num_shards"]))]
+    if listed != expected:
+        problems.append(
+            f"{MANIFEST}: lists parts {_names(listed)}, num_shards={manifest['num_shards']} "
+            f"expects {_names(expected)}"
+        )
+    totals = {k: sum(int(p["counts"][k]) for p in manifest["parts"]) for k in manifest["totals"]}
+    if totals != manifest["totals"]:
+        problems.append(f"{MANIFEST}: totals {manifest['totals']}, its parts sum to {totals}")
+    if sum(int(p["bytes"]) for p in manifest["parts"]) != manifest["bytes_on_disk"]:
+        problems.append(f"{MANIFEST}: bytes_on_disk differs from the sum of its parts' bytes")
+    ident_keys = ("backend", "schema", "fingerprints", "settings", "num_shards")
+    for entry in manifest["parts"]:
+        name = entry["name"]
+        where = f"parts/{name}"
+        part_dir = parts_dir(root) / name
+        if not part_dir.is_dir():
+            problems.append(f"{where}: missing part (listed in {MANIFEST})")
+            continue
+        record = read_json(part_dir / "part.json")
+        if record is None:
+            what = "damaged (not valid JSON)" if (part_dir / "part.json").exists() else "missing"
+            problems.append(f"{where}/part.json: {what}; the part is not committed")
+            continue
+        try:
+            check_format(record, part_dir / "part.json")
+        except KDCacheError as e:
+            problems.append(f"{where}/part.json: {e}")
+            continue
+        diffs = identity_diff(
+            {k: manifest.get(k) for k in ident_keys}, {k: record.get(k) for k in ident_keys}
+        )
+        for key in ("counts", "bytes", "tokens_sha256"):
+            if record.get(key) != entry.get(key):
+                diffs.append(
+                    f"{key}: part.json has {record.get(key)}, manifest has {entry.get(key)}"
+                )
+        if diffs:
+            problems.append(
+                f"{where}/part.json: does not match {MANIFEST} ({'; '.join(diffs[:4])}); "
+                f"rerun `kdcache finalize` if the part is right"
+            )
+            continue
+        if record["bytes"] != sum(int(f["bytes"]) for f in record["files"].values()):
+            problems.append(f"{where}/part.json: bytes differs from the sum of its files' sizes")
+        file_problems = check_files(part_dir, record["files"], where=where)
+        problems += file_problems
+        if not file_problems:
+            problems += _check_part(root, manifest, schema, listed.index(name), where, decode)
+    return problems
+
+
+def _names(names: list[str]) -> str:
+    return f"[{names[0]} .. {names[-1]}] ({len(names)})" if len(names) > 3 else str(names)
+
+
+def _check_part(
+    root: Path, manifest: dict, schema, index: int, where: str, decode: bool
+) -> list[str]:
+    """Structure of one part whose files match their checksums: shapes against counts, then
+    (decode) every block decoded and checked."""
+    import hashlib
+
     import numpy as np
 
+    from kdcache.storage.base import get_backend
     from kdcache.storage.errors import KDCacheError
-    from kdcache.storage.reader import CacheReader
+    from kdcache.storage.manifest import parts_dir, read_json
+    from kdcache.storage.reader import DecodedPart
+    from kdcache.storage.writer import _tokens_update
 
-    cache = CacheReader(root)
     problems: list[str] = []
-    for p, name in enumerate(cache.part_names):
-        part_dir = Path(root) / "parts" / name
-        record = cache.part(p).record
-        file_problems = check_files(part_dir, record["files"])
-        problems += file_problems
-        if file_problems or not decode:
-            continue
+    try:
+        # Not CacheReader(root): it refuses a cache with a missing part, and verify goes on.
+        name = manifest["parts"][index]["name"]
+        part_dir = parts_dir(root) / name
+        record = read_json(part_dir / PART_RECORD)
+        stored = get_backend(manifest["backend"]).reader(part_dir, schema, record)
+        reader = DecodedPart(stored, schema)
+        problems += _check_shapes(reader.stored, schema, where)
+        if problems or not decode:
+            return problems
         seen = {"sequences": 0, "positions": 0, "rows": 0, "docs": 0}
-        try:
-            reader = cache.part(p)
-            for start in range(0, reader.num_sequences, 1024):
-                b = reader.read(start, min(start + 1024, reader.num_sequences))
-                for key, n in zip(
-                    seen,
-                    (b.num_sequences, b.num_positions, b.num_rows, len(b.doc_starts)),
-                    strict=True,
-                ):
-                    seen[key] += n
-                for ids_name in ("input_ids", "topk_ids"):
-                    ids = getattr(b, ids_name)
-                    if ids.size and int(ids.max()) >= cache.vocab_size:
-                        problems.append(
-                            f"{part_dir}: {ids_name} holds id {int(ids.max())} >= vocab_size {cache.vocab_size}"
-                        )
-                if cache.schema.targets_on == "mask":
-                    rows = (
-                        np.add.reduceat(b.loss_mask.astype(np.int64), b.seq_offsets[:-1])
-                        if b.num_positions
-                        else []
+        h = hashlib.sha256()
+        for start in range(0, reader.num_sequences, 1024):
+            b = reader.read(start, min(start + 1024, reader.num_sequences))
+            for off in ("seq_offsets", "row_offsets", "doc_offsets"):
+                o = getattr(b, off)
+                if o[0] != 0 or (np.diff(o) < 0).any():
+                    problems.append(
+                        f"{where}: {off} decrease near sequence {start} (offsets must not decrease)"
                     )
-                    if not np.array_equal(np.diff(b.row_offsets), rows):
-                        problems.append(
-                            f"{part_dir}: target rows do not match the loss mask near sequence {start}"
-                        )
-        except KDCacheError as e:
-            problems.append(str(e))
-            continue
-        if seen != {k: int(v) for k, v in record["counts"].items()}:
+            for key, n in zip(
+                seen, (b.num_sequences, b.num_positions, b.num_rows, len(b.doc_starts))
+            ):
+                seen[key] += n
+            for ids_name in ("input_ids", "topk_ids"):
+                ids = getattr(b, ids_name)
+                if ids.size and int(ids.max()) >= schema.vocab_size:
+                    problems.append(
+                        f"{where}/{ids_name}: holds id {int(ids.max())} >= vocab_size "
+                        f"{schema.vocab_size} near sequence {start}"
+                    )
+            if schema.targets_on == "mask" and b.num_positions:
+                rows = np.add.reduceat(b.loss_mask.astype(np.int64), b.seq_offsets[:-1])
+                rows[np.diff(b.seq_offsets) == 0] = 0
+                if not np.array_equal(np.diff(b.row_offsets), rows):
+                    problems.append(
+                        f"{where}: target rows do not match the loss mask near sequence {start}"
+                    )
+            _tokens_update(h, b)
+    except KDCacheError as e:
+        return problems + [f"{where}: {e}"]
+    if seen != {k: int(v) for k, v in record["counts"].items()}:
+        problems.append(f"{where}: decoded counts {seen} differ from part.json {record['counts']}")
+    elif h.hexdigest() != record.get("tokens_sha256"):
+        problems.append(f"{where}: tokens_sha256 of the decoded input ids differs from part.json")
+    return problems
+
+
+def _check_shapes(stored, schema, where: str) -> list[str]:
+    """Zarr: every array's shape and dtype against part.json's counts and the schema.
+    Arrow: the record batches' sequences are checked when the reader opens."""
+    if stored.name != "zarr":
+        return []
+    from kdcache.storage.zarr_backend import _array_specs
+
+    counts = stored.record["counts"]
+    n = {
+        "sequence": counts["sequences"],
+        "position": counts["positions"],
+        "row": counts["rows"],
+        "doc": counts["docs"],
+        "offset": counts["sequences"] + 1,
+    }
+    problems = []
+    for name, (dtype, inner, axis) in _array_specs(schema).items():
+        arr = stored.arrays[name]
+        want = (n[axis], *inner)
+        if tuple(arr.shape) != want:
             problems.append(
-                f"{part_dir}: decoded counts {seen} differ from part.json {record['counts']}"
+                f"{where}/{name}: wrong shape {tuple(arr.shape)}, part.json counts give {want}"
             )
+        if arr.dtype != dtype:
+            problems.append(f"{where}/{name}: dtype {arr.dtype}, the schema stores {dtype}")
     return problems

@@ -22,6 +22,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.storage.base import Backend, BackendReader, BackendWriter, register
 from kdcache.storage.errors import IntegrityError
+from kdcache.storage.integrity import file_crc32c
 from kdcache.storage.manifest import fsync_path
 from kdcache.storage.schema import AXIS_OF, OFFSETS_OF_AXIS, Block, CacheSchema
 
@@ -134,20 +135,39 @@ class ZarrReader(BackendReader):
 
     def __init__(self, part_dir: Path, schema: CacheSchema, record: dict) -> None:
         super().__init__(part_dir, schema, record)
+        self._check_metadata()
         try:
             group = zarr.open_group(self.part_dir, mode="r", zarr_format=3)
             self.arrays = {name: group[name] for name in _array_specs(schema)}
-            # (S+1,) int64 each: small, loaded once so any sequence is found without a read.
-            self.offsets = {name: self.arrays[name][:] for name in OFFSET_ARRAYS}
-        except (KeyError, FileNotFoundError, ValueError) as e:
+        except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
             raise IntegrityError(
                 f"{self.part_dir}: cannot open the part's zarr group ({e}); run `kdcache verify`"
             ) from e
+        # (S+1,) int64 each: small, loaded once so any sequence is found without a read.
+        self.offsets = {
+            name: _read_checked(self.arrays[name], 0, self.arrays[name].shape[0], self.part_dir)
+            for name in OFFSET_ARRAYS
+        }
         for name in OFFSET_ARRAYS:
             if len(self.offsets[name]) != self.num_sequences + 1:
                 raise IntegrityError(
                     f"{self.part_dir}/{name}: expected {self.num_sequences + 1} offsets (part.json), "
                     f"found {len(self.offsets[name])}"
+                )
+
+    def _check_metadata(self) -> None:
+        """The crc32c of every zarr.json against part.json before zarr parses it: chunks carry
+        their own crc32c, metadata does not, and a damaged one could still parse (another
+        shape, dtype or codec) and decode garbage."""
+        for rel, want in self.record.get("files", {}).items():
+            if not rel.endswith("zarr.json"):
+                continue
+            path = self.part_dir / rel
+            found = file_crc32c(path) if path.is_file() else "missing"
+            if found != want["crc32c"]:
+                raise IntegrityError(
+                    f"{path}: crc32c {found} does not match {want['crc32c']} in part.json; "
+                    "the part's metadata is damaged: run `kdcache verify` and recapture the part"
                 )
 
     def read(self, start: int, stop: int) -> Block:
