@@ -1,0 +1,140 @@
+"""Bad inputs at the command line: one line on stderr, exit code 2, the message docs/ERRORS.md
+promises. And docs/ERRORS.md names only tests that exist."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdcache.storage.manifest import CacheIdentity
+from kdcache.storage.schema import CacheSchema
+from kdcache.storage.synthetic import synthetic_block
+from kdcache.storage.writer import write_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (id, argv, the message's stable part). Every one fails before a model is loaded.
+CASES = [
+    # -- stage one: kdcache cache
+    (
+        "cache-no-teacher",
+        "cache --teacher nope --data d.jsonl --out o",
+        "model 'nope' not found: no such file or folder",
+    ),
+    (
+        "cache-no-data",
+        "cache --teacher nope --data gone.txt --out o",
+        "--data gone.txt: no such file or folder",
+    ),
+    (
+        "cache-k-zero",
+        "cache --teacher nope --data d.jsonl --out o --k 0",
+        "--k must be an integer >= 1, got 0",
+    ),
+    (
+        "cache-seq-len",
+        "cache --teacher nope --data d.jsonl --out o --seq-len 1",
+        "--seq-len must be >= 2, got 1",
+    ),
+    (
+        "cache-stride",
+        "cache --teacher nope --data d.jsonl --out o --seq-len 4 --stride 5",
+        "--stride 5 exceeds --seq-len 4",
+    ),
+    (
+        "cache-proposal-temperature",
+        "cache --teacher nope --data d.jsonl --out o --proposal-temperature 2",
+        "--proposal-temperature 2.0 applies to --targets sampled only",
+    ),
+    (
+        "cache-shard-index",
+        "cache --teacher nope --data d.jsonl --out o --num-shards 2 --shard-index 5",
+        "--shard-index must lie in [0, 2), got 5",
+    ),
+    # -- stage two: kdcache train
+    (
+        "train-no-cache",
+        "train --cache gone --student nano --out r",
+        "--cache gone: no such directory",
+    ),
+    ("train-no-student", "train --cache c --student nope --out r", "model 'nope' not found"),
+    (
+        "train-k-above-cache",
+        "train --cache c --student nano --out r --k 9",
+        "--k 9 exceeds the cache's k=4",
+    ),
+    (
+        "train-steps",
+        "train --cache c --student nano --out r --steps 0",
+        "--steps must be >= 1, got 0",
+    ),
+    (
+        "train-alpha",
+        "train --cache c --student nano --out r --alpha 2",
+        "--alpha must lie in [0, 1], got 2.0",
+    ),
+    (
+        "train-temperature",
+        "train --cache c --student nano --out r --temperature 0",
+        "--temperature must be > 0, got 0.0",
+    ),
+    (
+        "train-eval-fraction",
+        "train --cache c --student nano --out r --eval-fraction 1.5",
+        "--eval-fraction must lie in [0, 1), got 1.5",
+    ),
+    # -- storage commands
+    (
+        "inspect-not-a-cache",
+        "inspect c/parts",
+        "not a kdcache cache (no manifest.json and no committed part)",
+    ),
+    ("inspect-missing", "inspect gone", "gone: no such directory"),
+    ("stats-not-a-cache", "stats c/parts", "not a kdcache cache"),
+    ("verify-not-a-cache", "verify c/parts", "not a kdcache cache"),
+    (
+        "convert-over-other-cache",
+        "convert c c --backend arrow",
+        "holds a cache made with other settings",
+    ),
+    ("finalize-nothing", "finalize d.jsonl", "no committed part found"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("errors")
+    (d / "d.jsonl").write_text('{"text": "hello"}\n')
+    schema = CacheSchema(k=4, vocab_size=300)
+    ident = CacheIdentity(backend="zarr", schema=schema, fingerprints={}, settings={})
+    write_cache(d / "c", ident, [synthetic_block(np.random.default_rng(0), [20, 30], schema)])
+    return d
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cli_bad_input(workdir, argv, message):
+    r = subprocess.run(
+        ["kdcache", *argv.split()], capture_output=True, text=True, cwd=workdir, timeout=300
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("kdcache: error: ") and message in lines[0], lines[0]
+
+
+def test_errors_md_names_tests_that_exist():
+    """Every `tests/...py::test_name[id]` in docs/ERRORS.md is a test function in that file
+    (and, for this file's table, a case id); and the table has at least 15 rows."""
+    text = (ROOT / "docs/ERRORS.md").read_text()
+    refs = re.findall(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`", text)
+    assert len(refs) >= 15
+    ids = {c[0] for c in CASES}
+    for path, name, case in refs:
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^\s*def {name}\(", source, re.M), f"{path}::{name} not found"
+        if path == "tests/test_errors.py" and case:
+            assert case in ids, f"{path}::{name}[{case}]: no such case"
