@@ -581,9 +581,9 @@ def demo(workdir: Path, quick: bool, no_progress: bool) -> None:
 )
 @click.option(
     "--device",
-    default="cpu",
+    default="auto",
     show_default=True,
-    help="Where inference is measured: cpu, cuda, auto.",
+    help="Where the teacher is evaluated and inference measured: auto (CUDA if present), cpu, cuda, cuda:N.",
 )
 def report(
     runs: tuple[Path, ...],

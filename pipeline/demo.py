@@ -6,7 +6,7 @@ The demo runs every stage on the Python standard library's own sources:
     teacher   the built-in GPT trained on the corpus (skipped when WORKDIR/teacher exists)
     cache     the teacher run once over the training text (and once over the held-out text)
     students  from that one cache: two sizes with KD, and the small one with hard labels only
-    table     held-out cross-entropy, top-1 agreement with the teacher, parameters, time
+    report    quality kept, cost to deploy (measured here) and cost to make, hard labels vs KD
 
 Every step resumes or skips what a previous run finished, all under one work directory.
 """
@@ -18,8 +18,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from kdcache.storage.manifest import read_json
 
@@ -103,20 +101,10 @@ def prepare(workdir: Path, *, max_files: int | None = None, vocab_size: int = 40
     return description
 
 
-def teacher_eval(teacher_dir: Path, eval_cache: Path) -> dict:
-    """The teacher's own held-out metrics, computed exactly as the students' are."""
-    from kdcache.stages.adapters import load_model
-    from kdcache.stages.dataset import CacheBatches
-    from kdcache.stages.train import evaluate
-
-    teacher = load_model(str(teacher_dir))
-    batches = CacheBatches(eval_cache, batch_size=16, shuffle=False)
-    metrics = evaluate(teacher, iter(batches), torch.device("cpu"), max_batches=len(batches))
-    return {"ce": metrics["ce"], "params": sum(p.numel() for p in teacher.module.parameters())}
-
-
-def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> list[dict]:
-    """Every stage under workdir; returns the table rows (also WORKDIR/results.json)."""
+def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> dict:
+    """Every stage under workdir; ends by printing the report (kdcache.pipeline.report), also
+    written to WORKDIR/report/; returns it."""
+    from kdcache.pipeline.report import build_report
     from kdcache.stages.capture import CaptureConfig, run_capture
     from kdcache.stages.pretrain import PretrainConfig, run_pretrain
     from kdcache.stages.train import TrainConfig, run_train
@@ -169,21 +157,10 @@ def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> li
         )
         say("  " + summary.line())
         caches[split] = out
-    from kdcache.storage.reader import CacheReader
-
-    cache_info = CacheReader(caches["train"]).describe()
-    rows = [
-        {
-            "model": "teacher",
-            **teacher_eval(teacher, caches["heldout"]),
-            "top1_agreement": 1.0,
-            "train_seconds": teacher_metrics["train_seconds"],
-            "loss": "ce (pretraining)",
-        }
-    ]
+    runs = []
     for name, size, loss in plan.students:
         say(f"student {name}: {size} with {loss} from the cache")
-        m = run_train(
+        run_train(
             TrainConfig(
                 cache=str(caches["train"]),
                 student=size,
@@ -199,43 +176,18 @@ def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> li
                 progress=progress,
             )
         )
-        rows.append(
-            {
-                "model": name,
-                "ce": m["eval"]["ce"],
-                "top1_agreement": m["eval"]["top1_agreement"],
-                "params": m["params"],
-                "train_seconds": m["train_seconds"],
-                "loss": loss,
-            }
-        )
-    result = {
-        "rows": rows,
-        "cache": {
-            "bytes": cache_info["bytes_on_disk"],
-            "positions": cache_info["num_positions"],
-            "bytes_per_position": cache_info["bytes_per_position"],
-            "k": cache_info["k"],
-        },
+        runs.append(workdir / "runs" / name)
+    say(f"report: quality, cost to deploy (measured here), cost to make -> {workdir / 'report'}")
+    report = build_report(runs, teacher=teacher, out=workdir / "report", speed_seconds=1.0)
+    models = report["models"]
+    result = {  # the short form (benchmarks/plot_curves.py reads the teacher's row)
+        "rows": [
+            {"model": n, "ce": r["heldout_ce"], "params": r["params"], "loss": r["loss"]}
+            for n, r in models.items()
+        ],
         "seconds": time.perf_counter() - t_start,
     }
     (workdir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    return rows
-
-
-def format_table(result: dict) -> str:
-    lines = [
-        "| model | loss | held-out CE | top-1 agreement with teacher | parameters | training time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['loss']} | {r['ce']:.3f} | {r['top1_agreement']:.3f} | {r['params']:,} | {r['train_seconds']:.0f} s |"
-        )
-    c = result["cache"]
-    lines.append(
-        f"\ncache: {c['positions']:,} positions, k={c['k']}, {c['bytes'] / 1e6:.1f} MB, "
-        f"{c['bytes_per_position']:.1f} bytes/position; demo took {result['seconds']:.0f} s"
-    )
-    return "\n".join(lines)
+    print(report["markdown"])
+    say("done")
+    return report

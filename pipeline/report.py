@@ -1,52 +1,312 @@
-"""``kdcache report``: the runs side by side (Markdown table, report.json for scripts and DVC)."""
+"""``kdcache report``: the distillation trade of every run, side by side with standard training.
+
+For the teacher and each student run (a folder written by ``kdcache train``):
+
+    quality        held-out CE, perplexity, top-1 agreement with the teacher, ECE, and *kept*:
+                   the share of the teacher's gain over a unigram model that the student keeps,
+                   (CE_unigram - CE) / (CE_unigram - CE_teacher)
+    cost to deploy parameters, bytes on disk, peak memory, tokens/s at batch 1 and batched,
+                   latency per token (measured here, see kdcache.pipeline.measure)
+    cost to make   teacher capture time and cache bytes (from the cache's part records),
+                   student training time, steps and tokens (from metrics.json)
+
+Students' quality is read from their metrics.json; the teacher is evaluated here on the same
+held-out batches (the first run's evaluation set), and the unigram baseline is fitted on the
+training cache's tokens (add-one smoothing). Hard-label runs (``--loss ce``) sit next to the
+distilled runs of the same student size, so the table shows what distillation added.
+
+Writes OUT/report.md, OUT/report.json (DVC metrics) and three PNG plots.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import math
 from pathlib import Path
+
+import numpy as np
 
 from kdcache.storage.errors import ConfigError
 from kdcache.storage.manifest import read_json
 
+log = logging.getLogger(__name__)
 
+UNIGRAM_MAX_POSITIONS = 10_000_000  # tokens of the training cache read for the unigram baseline
+PLOTS = ("quality_vs_size.png", "quality_vs_speed.png", "heldout_loss.png")
+KEPT = (
+    "kept = (CE_unigram - CE) / (CE_unigram - CE_teacher): the share of the teacher's gain over a "
+    "unigram model (fitted on the training cache, add-one smoothing) that the model keeps; "
+    "1 = the teacher's quality, 0 = no better than token frequencies"
+)
+
+
+class MissingMetricsError(ConfigError):
+    """A run (or the teacher) given to the report has no metrics.json."""
+
+
+# -- inputs ----------------------------------------------------------------------------------
 def load_run(run: Path) -> dict:
-    metrics = read_json(Path(run) / "metrics.json")
+    """metrics.json, config.json and eval.tsv of one ``kdcache train`` run."""
+    run = Path(run)
+    metrics = read_json(run / "metrics.json")
     if metrics is None:
-        raise ConfigError(
-            f"run {run} has no metrics.json (not finished, or not a kdcache train run); finish it or leave it out"
+        raise MissingMetricsError(
+            f"run {run} has no metrics.json (not a finished `kdcache train` run); finish it or leave it out"
         )
-    ev = metrics.get("eval") or {}
+    saved = read_json(run / "config.json") or {}
+    history = []
+    if (run / "eval.tsv").is_file():
+        with open(run / "eval.tsv") as f:
+            history = [
+                {"step": int(r["step"]), "ce": float(r["eval_ce"])}
+                for r in csv.DictReader(f, delimiter="\t")
+            ]
     return {
-        "run": Path(run).name,
-        "student": metrics["student"],
-        "loss": metrics["loss"],
-        "params": metrics["params"],
-        "steps": metrics["steps"],
-        "train_seconds": metrics["train_seconds"],
-        "heldout_ce": ev.get("ce"),
-        "kl_topk": ev.get("kl_topk"),
-        "top1_agreement": ev.get("top1_agreement"),
+        "path": run,
+        "metrics": metrics,
+        "config": saved.get("config") or {},
+        "history": history,
     }
 
 
-def build_report(runs: list[Path], *, teacher: Path | None = None, out: Path | None = None) -> dict:
-    rows = [load_run(r) for r in runs]
-    report: dict = {"runs": rows}
-    if teacher is not None:
-        tm = read_json(Path(teacher) / "metrics.json")
-        if tm is None:
+def _eval_set(cfg: dict):
+    """The held-out batches ``kdcache train`` evaluated this run on, and how many it took."""
+    from kdcache.stages.dataset import CacheBatches
+
+    micro = cfg["batch_size"] // cfg.get("grad_accum", 1)
+    if cfg.get("eval_cache"):
+        ds = CacheBatches(
+            cfg["eval_cache"], batch_size=micro, seed=cfg["seed"], split="train", shuffle=False
+        )
+    else:
+        ds = CacheBatches(
+            cfg["cache"],
+            batch_size=micro,
+            seed=cfg["seed"],
+            split="eval",
+            eval_fraction=cfg["eval_fraction"],
+            shuffle=False,
+        )
+    return ds, int(cfg["eval_batches"])
+
+
+def _eval_identity(cfg: dict) -> tuple:
+    keys = ("eval_cache", "eval_batches", "batch_size", "grad_accum", "seed")
+    held_slice = () if cfg.get("eval_cache") else (cfg.get("cache"), cfg.get("eval_fraction"))
+    return tuple(cfg.get(k) for k in keys) + held_slice
+
+
+def _check_caches(runs: list[dict]) -> None:
+    for r in runs:
+        cfg = r["config"]
+        for key in ("cache", "eval_cache"):
+            if cfg.get(key) and not Path(cfg[key]).exists():
+                raise ConfigError(
+                    f"run {r['path']} was trained with --{key.replace('_', '-')} {cfg[key]}, which is not there; "
+                    "run the report from the directory you trained in, with the caches in place"
+                )
+        if not cfg:
             raise ConfigError(
-                f"teacher {teacher} has no metrics.json; pass the folder written by `kdcache teacher-train`"
+                f"run {r['path']} has no config.json; pass folders written by `kdcache train`"
             )
-        report["teacher"] = {
-            "params": tm["params"],
-            "heldout_ce": tm.get("heldout_ce"),
-            "train_seconds": tm["train_seconds"],
+
+
+def unigram_ce(train_cache: str, batches, max_batches: int, vocab: int) -> float:
+    """Held-out CE of token frequencies counted over the training cache (add-one smoothing)."""
+    from kdcache.stages.dataset import IGNORE_INDEX
+    from kdcache.storage.reader import CacheReader
+
+    counts = np.ones(vocab, np.float64)
+    seen = 0
+    for block in CacheReader(train_cache).iter_blocks(256):
+        counts += np.bincount(block.input_ids.astype(np.int64), minlength=vocab)[:vocab]
+        seen += block.num_positions
+        if seen >= UNIGRAM_MAX_POSITIONS:
+            break
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        labels = batch.labels[batch.valid & batch.target_mask]
+        labels = labels[labels != IGNORE_INDEX].numpy()
+        total -= float(logp[labels].sum())
+        n += len(labels)
+    return total / max(n, 1)
+
+
+def cache_cost(path: str) -> dict:
+    """Bytes and positions of a cache, and the teacher's capture time summed over its parts."""
+    from kdcache.storage.manifest import committed_records
+    from kdcache.storage.reader import CacheReader
+
+    d = CacheReader(path).describe()
+    loops = [
+        (rec.get("capture") or {}).get("loop_seconds")
+        for rec in committed_records(Path(path)).values()
+    ]
+    return {
+        "path": str(path),
+        "bytes": d["bytes_on_disk"],
+        "positions": d["num_positions"],
+        "k": d["k"],
+        "capture_seconds": sum(loops) if loops and None not in loops else None,
+    }
+
+
+def _folder_bytes(paths: list[Path]) -> int:
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+# -- the report ------------------------------------------------------------------------------
+def build_report(
+    runs: list[Path],
+    *,
+    teacher: Path | None = None,
+    out: Path | None = None,
+    speed_seconds: float = 1.0,
+    device: str = "auto",
+) -> dict:
+    """Every figure of the report (also OUT/report.json); ``report["markdown"]`` is the text.
+
+    speed_seconds: time per inference setting and model (0: no inference measurement)."""
+    from kdcache.pipeline.measure import SpeedSettings, measure_inference
+    from kdcache.stages.adapters import load_model
+    from kdcache.stages.capture import pick_device
+    from kdcache.stages.train import evaluate
+    from kdcache.storage.reader import CacheReader
+
+    if not runs:
+        raise ConfigError("no run given; pass the folders written by `kdcache train`")
+    loaded = [load_run(r) for r in runs]  # every missing metrics.json before any model loads
+    teacher_metrics = None
+    if teacher is not None:
+        # None for a teacher not trained by `kdcache teacher-train` (its training time: n/a)
+        teacher_metrics = read_json(Path(teacher) / "metrics.json")
+    _check_caches(loaded)
+    dev = pick_device(device)
+    names = _names([r["path"] for r in loaded])
+    cfg0 = loaded[0]["config"]
+    notes = []
+    if len({_eval_identity(r["config"]) for r in loaded}) > 1:
+        notes.append(
+            f"the runs were evaluated on different held-out sets; the teacher and the unigram "
+            f"baseline use {names[0]}'s"
+        )
+    eval_ds, eval_batches = _eval_set(cfg0)
+    vocab = CacheReader(cfg0["cache"]).vocab_size
+    uni = unigram_ce(cfg0["cache"], iter(eval_ds), eval_batches, vocab)
+    settings = SpeedSettings(
+        seconds=speed_seconds,
+        seq_len=CacheReader(cfg0.get("eval_cache") or cfg0["cache"])
+        .manifest["settings"]
+        .get("seq_len")
+        or 128,
+    )
+
+    def speed(spec: Path) -> tuple[dict, int | None]:
+        try:
+            model = load_model(str(spec), dev)
+        except ConfigError as e:
+            notes.append(f"{spec}: not measured ({e})")
+            return {}, None
+        files = model.weight_files or [Path(spec)]
+        m = measure_inference(model, settings, dev) if speed_seconds > 0 else {}
+        return m, _folder_bytes(files)
+
+    rows: dict[str, dict] = {}
+    teacher_ce = None
+    if teacher is not None:
+        tm = teacher_metrics or {}
+        model = load_model(str(teacher), dev)
+        ev = evaluate(model, iter(eval_ds), dev, max_batches=eval_batches)
+        teacher_ce = ev["ce"]
+        params = sum(p.numel() for p in model.module.parameters())
+        del model  # measured afresh below, alone in memory
+        inference, nbytes = speed(Path(teacher))
+        rows["teacher"] = {
+            "role": "teacher",
+            "student": str(teacher),
+            "loss": "ce (pretraining)" if tm else None,
+            "params": params,
+            "heldout_ce": ev["ce"],
+            "perplexity": ev["perplexity"],
+            "top1_agreement": ev["top1_agreement"],
+            "ece": ev["ece"],
+            "kl_topk": ev["kl_topk"],
+            "eval_tokens": ev["tokens"],
+            "bytes_on_disk": nbytes,
+            **inference,
+            "steps": tm.get("steps"),
+            "tokens": tm.get("tokens"),
+            "train_seconds": tm.get("train_seconds"),
         }
-    report["markdown"] = markdown(report)
+    caches = {}
+    for name, r in zip(names, loaded, strict=True):
+        m, ev = r["metrics"], r["metrics"].get("eval") or {}
+        cache = r["config"]["cache"]
+        if cache not in caches:
+            caches[cache] = cache_cost(cache)
+        hard = m["loss"] == "ce"
+        inference, nbytes = speed(r["path"] / "student")
+        rows[name] = {
+            "role": "hard labels" if hard else "distilled",
+            "student": m["student"],
+            "loss": m["loss"],
+            "params": m["params"],
+            "heldout_ce": ev.get("ce"),
+            "perplexity": ev.get("perplexity"),
+            "top1_agreement": ev.get("top1_agreement"),
+            "ece": ev.get("ece"),
+            "kl_topk": ev.get("kl_topk"),
+            "eval_tokens": ev.get("tokens"),
+            "bytes_on_disk": nbytes,
+            **inference,
+            "steps": m["steps"],
+            "tokens": m["tokens"],
+            "train_seconds": m["train_seconds"],
+            # a hard-label student needs no teacher: the capture is a cost of distillation only
+            "cache": None if hard else cache,
+            "capture_seconds": None if hard else caches[cache]["capture_seconds"],
+            "cache_bytes": None if hard else caches[cache]["bytes"],
+        }
+    if teacher_ce is not None and teacher_ce >= uni:
+        notes.append(
+            f"the teacher (CE {teacher_ce:.4f}) is no better than the unigram baseline "
+            f"(CE {uni:.4f}): kept is undefined; train the teacher longer"
+        )
+    for row in rows.values():
+        ce = row["heldout_ce"]
+        defined = ce is not None and teacher_ce is not None and teacher_ce < uni
+        row["kept"] = (uni - ce) / (uni - teacher_ce) if defined else None
+    _pair_with_hard_labels(rows)
+    report = {
+        "definitions": {
+            "kept": KEPT,
+            "heldout": "CE, perplexity, ECE and top-1 agreement on the runs' held-out batches",
+        },
+        "eval_set": {
+            "cache": cfg0.get("eval_cache") or f"{cfg0['cache']} (held-out slice)",
+            "batches": eval_batches,
+            "tokens": rows.get("teacher", {}).get("eval_tokens"),
+        },
+        "baselines": {"unigram_ce": uni, "uniform_ce": math.log(vocab), "vocab_size": vocab},
+        "inference": settings.describe(dev) if speed_seconds > 0 else None,
+        "caches": caches,
+        "models": _ordered(rows),
+        "history": {n: r["history"] for n, r in zip(names, loaded, strict=True)},
+        "notes": notes,
+        "plots": [],
+    }
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        report["plots"] = write_plots(report, out)
+    report["markdown"] = markdown(report)
+    if out is not None:
         (out / "report.md").write_text(report["markdown"] + "\n")
         (out / "report.json").write_text(
             json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2) + "\n"
@@ -54,23 +314,264 @@ def build_report(runs: list[Path], *, teacher: Path | None = None, out: Path | N
     return report
 
 
-def _f(x, fmt: str) -> str:
-    return "n/a" if x is None else format(x, fmt)
+def _names(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):  # runs/a/x and runs/b/x: the paths tell them apart
+        names = [str(p) for p in paths]
+    if "teacher" in names:
+        names = [str(p) if n == "teacher" else n for n, p in zip(names, paths, strict=True)]
+    return names
+
+
+def _pair_with_hard_labels(rows: dict[str, dict]) -> None:
+    """ce_gain_over_hard = CE(hard-label run of the same student size) - CE(this run)."""
+    for row in rows.values():
+        row["hard_reference"], row["ce_gain_over_hard"] = None, None
+        if row["role"] != "distilled":
+            continue
+        same = [
+            (n, r)
+            for n, r in rows.items()
+            if r["role"] == "hard labels"
+            and (r["student"], r["params"]) == (row["student"], row["params"])
+        ]
+        same.sort(key=lambda nr: nr[1]["steps"] != row["steps"])  # the same steps first
+        if same and None not in (same[0][1]["heldout_ce"], row["heldout_ce"]):
+            row["hard_reference"] = same[0][0]
+            row["ce_gain_over_hard"] = same[0][1]["heldout_ce"] - row["heldout_ce"]
+
+
+def _ordered(rows: dict[str, dict]) -> dict[str, dict]:
+    """The teacher, then by size (largest first), each size's distilled runs before its hard ones."""
+    order = sorted(
+        rows,
+        key=lambda n: (
+            rows[n]["role"] != "teacher",
+            -(rows[n]["params"] or 0),
+            rows[n]["student"],
+            rows[n]["role"] == "hard labels",
+        ),
+    )
+    return {n: rows[n] for n in order}
+
+
+# -- output ----------------------------------------------------------------------------------
+def _f(x, fmt: str, suffix: str = "") -> str:
+    return "n/a" if x is None else format(x, fmt) + suffix
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cells) + " |" for cells in lines
+    ]
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        "| run | student | loss | held-out CE | KL to teacher top-k | top-1 agreement | parameters | steps | training time |",
-        "|---|---|---|---|---|---|---|---|---|",
+    models, b = report["models"], report["baselines"]
+    out = [
+        "## Quality on held-out data",
+        "",
+        f"Held-out set: {report['eval_set']['cache']}. {KEPT}. "
+        f"Unigram CE {b['unigram_ce']:.4f}, uniform CE ln({b['vocab_size']}) = {b['uniform_ce']:.4f}. "
+        "Gain over hard labels: CE of the hard-label student of the same size minus this run's.",
+        "",
     ]
-    if "teacher" in report:
-        t = report["teacher"]
-        lines.append(
-            f"| teacher | | | {_f(t['heldout_ce'], '.4f')} | | | {t['params']:,} | | {t['train_seconds']:.0f} s |"
+    q = [
+        [
+            n,
+            r["loss"] or "",
+            f"{r['params']:,}",
+            _f(r["heldout_ce"], ".4f"),
+            _f(r["perplexity"], ".1f"),
+            _f(r["top1_agreement"], ".3f"),
+            _f(r["ece"], ".4f"),
+            _f(r["kept"], ".3f"),
+            _f(r["ce_gain_over_hard"], "+.4f") if r["role"] == "distilled" else "",
+        ]
+        for n, r in models.items()
+    ]
+    q.append(
+        [
+            "unigram",
+            "token frequencies",
+            "",
+            f"{b['unigram_ce']:.4f}",
+            f"{math.exp(b['unigram_ce']):.1f}",
+            "",
+            "",
+            "0.000",
+            "",
+        ]
+    )
+    out += _table(
+        [
+            "model",
+            "loss",
+            "parameters",
+            "held-out CE",
+            "perplexity",
+            "top-1 agreement",
+            "ECE",
+            "kept",
+            "CE gain over hard labels",
+        ],
+        q,
+    )
+    inf = report["inference"]
+    out += ["", "## Cost to deploy", ""]
+    if inf:
+        out += [
+            f"Measured on this machine ({inf['device']}, {inf['threads']} torch thread{'s' if inf['threads'] > 1 else ''}). Batch 1: {inf['batch1']}. "
+            f"Batched: {inf['batched']}. Peak memory: {inf['memory']}.",
+            "",
+        ]
+    d = [
+        [
+            n,
+            f"{r['params']:,}",
+            _bytes(r["bytes_on_disk"]),
+            _bytes(r.get("peak_memory_bytes")),
+            _f(r.get("tokens_per_s_batch1"), ",.0f"),
+            _f(r.get("latency_ms_per_token"), ".2f", " ms"),
+            _f(r.get("tokens_per_s_batched"), ",.0f"),
+        ]
+        for n, r in models.items()
+    ]
+    batch = inf["batch"] if inf else "N"
+    out += _table(
+        [
+            "model",
+            "parameters",
+            "bytes on disk",
+            "peak memory",
+            "tokens/s, batch 1",
+            "latency per token, batch 1",
+            f"tokens/s, batch {batch}",
+        ],
+        d,
+    )
+    out += [
+        "",
+        "## Cost to make",
+        "",
+        "Teacher capture: the teacher run once over the training data (summed over the cache's parts); "
+        "one capture serves every distilled student. Hard-label students need none.",
+        "",
+    ]
+    c = [
+        [
+            n,
+            _f(r["steps"], ","),
+            _f(r["tokens"], ","),
+            _f(r["train_seconds"], ".1f", " s"),
+            _f(r.get("capture_seconds"), ".1f", " s"),
+            _bytes(r.get("cache_bytes")),
+        ]
+        for n, r in models.items()
+    ]
+    out += _table(
+        ["model", "steps", "training tokens", "training time", "teacher capture", "cache bytes"], c
+    )
+    for cache in report["caches"].values():
+        out.append(
+            f"\ncache {cache['path']}: {cache['positions']:,} positions, k={cache['k']}, {_bytes(cache['bytes'])}"
         )
-    for r in report["runs"]:
-        lines.append(
-            f"| {r['run']} | {r['student']} | {r['loss']} | {_f(r['heldout_ce'], '.4f')} | {_f(r['kl_topk'], '.4f')} | "
-            f"{_f(r['top1_agreement'], '.3f')} | {r['params']:,} | {r['steps']} | {r['train_seconds']:.0f} s |"
+    out += [f"\nNote: {n}" for n in report["notes"]]
+    if report["plots"]:
+        out += [""] + [f"![{p.removesuffix('.png')}]({p})" for p in report["plots"]]
+    return "\n".join(out)
+
+
+def write_plots(report: dict, out: Path) -> list[str]:
+    """quality_vs_size.png, quality_vs_speed.png (when measured), heldout_loss.png."""
+    try:
+        import matplotlib
+    except ImportError:
+        msg = "plots skipped: they need matplotlib, pip install 'kdcache[plot]'"
+        log.warning(msg)
+        report["notes"].append(msg)
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, uni = report["models"], report["baselines"]["unigram_ce"]
+    style = {
+        "teacher": ("*", "black"),
+        "distilled": ("o", "tab:blue"),
+        "hard labels": ("s", "tab:orange"),
+    }
+    written = []
+
+    def scatter(x_key: str, xlabel: str, name: str, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for role, (marker, color) in style.items():
+            pts = [
+                (r[x_key], r["heldout_ce"], n)
+                for n, r in models.items()
+                if r["role"] == role and r.get(x_key) and r["heldout_ce"] is not None
+            ]
+            if pts:
+                ax.scatter(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    s=70,
+                    color=color,
+                    label=role,
+                )
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.axhline(uni, color="gray", linestyle="--", label="unigram")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out cross-entropy (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    scatter("params", "parameters", PLOTS[0], "Quality against size")
+    if report["inference"]:
+        scatter(
+            "tokens_per_s_batched",
+            f"inference tokens/s, batch {report['inference']['batch']} ({report['inference']['device']})",
+            PLOTS[1],
+            "Quality against inference speed",
         )
-    return "\n".join(lines)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for n, hist in report["history"].items():
+        if hist:
+            dashed = models[n]["role"] == "hard labels"
+            ax.plot(
+                [h["step"] for h in hist],
+                [h["ce"] for h in hist],
+                "--" if dashed else "-",
+                marker="o",
+                label=n,
+            )
+    if "teacher" in models:
+        ax.axhline(models["teacher"]["heldout_ce"], color="black", linestyle=":", label="teacher")
+    ax.axhline(uni, color="gray", linestyle="--", label="unigram")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.set_title("Held-out loss against steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[2], dpi=110)
+    plt.close(fig)
+    written.append(PLOTS[2])
+    return written
