@@ -626,6 +626,7 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         targets_on="mask" if cfg.targets_on == "assistant" else "all",
         targets=cfg.targets,
         codec=cfg.codec,
+        proposal_temperature=float(cfg.proposal_temperature),
     )
     identity = CacheIdentity(
         backend=cfg.backend,

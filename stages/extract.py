@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdcache.storage.codecs import count_logprobs
 from kdcache.storage.errors import KDCacheError
 
 
@@ -218,7 +219,8 @@ def sample_from_logits(
     uniq = torch.zeros_like(s).scatter_(1, run, s)
     key, _ = torch.sort((N - counts) * V + uniq, dim=1)  # count descending, then id ascending
     counts, uniq = N - key // V, key % V
-    logprobs = torch.log(counts.float() / N)  # -inf where count 0 (padding)
+    table = torch.from_numpy(count_logprobs(N)).to(counts.device)  # (N + 1,) float64
+    logprobs = table[counts].float()  # log(count / N), -inf where count 0 (padding)
     uniq = torch.where(counts > 0, uniq, 0)
     if tau != 1.0:
         # log(count p / r) = log count + (z - lse) - (z / tau - lse_t), then normalized

@@ -16,6 +16,11 @@ see the logical schema (ids in probability order, log-probs in the schema's dtyp
                  k / (6 (2^B - 1)^2) nats at most on average (measured per part and recorded as
                  ``codec_error`` in part.json). Probability order is restored by sorting on q
                  (descending), ties by id (ascending).
+``sorted-counts`` sampled targets drawn at temperature 1 only, lossless: per row the drawn ids
+                 sorted ascending and delta-coded (padding last, gap 0), and each id's count
+                 (count = N * exp(log-prob), N = the schema's k) as uint8 (uint16 for N > 255),
+                 0 for padding. Decoding: log-prob = log(count / N); probability order is count
+                 descending, ties by id ascending (the order the capture writes).
 """
 
 from __future__ import annotations
@@ -80,6 +85,59 @@ class SortedQuantized(Codec):
         )
 
 
+def count_logprobs(n: int) -> np.ndarray:
+    """(n + 1,) float64 log(c / n) for c = 0..n (-inf at 0): the one definition of a sampled
+    target's log-prob, shared by the capture and the sorted-counts decoder (so a decoded cache
+    equals the captured one bit for bit, in either storage dtype)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.arange(n + 1) / n)
+
+
+class SortedCounts(Codec):
+    name = "sorted-counts"
+
+    def stored_dtypes(self, schema: CacheSchema) -> dict[str, np.dtype]:
+        return {**schema.array_dtypes(), "topk_logprobs": self._count_dtype(schema)}
+
+    @staticmethod
+    def _count_dtype(schema: CacheSchema) -> np.dtype:
+        return np.dtype(np.uint8 if schema.k <= 255 else np.uint16)
+
+    def encode(self, block: Block, schema: CacheSchema) -> Block:
+        from kdcache.storage.errors import ConfigError
+
+        n = schema.k
+        exact = np.exp(block.topk_logprobs.astype(np.float64)) * n  # (R, N) counts, 0 padding
+        counts = np.rint(exact)
+        if block.num_rows and np.abs(exact - counts).max() > 0.25:
+            raise ConfigError(
+                f"expected sampled targets whose weights are counts / {n} (the sorted-counts "
+                f"codec), found weights that are not: {float(np.abs(exact - counts).max()):.3f} "
+                "off a whole count; use a sorted-qB codec for importance-weighted targets"
+            )
+        key = np.where(counts > 0, block.topk_ids.astype(np.int64), schema.vocab_size)
+        sorted_ids, order = _sort_rows(key)  # ascending ids, padding (key V) last
+        valid = sorted_ids < schema.vocab_size
+        gaps = np.where(valid, np.diff(sorted_ids, axis=1, prepend=0), 0)
+        counts = np.take_along_axis(counts, order, axis=1).astype(self._count_dtype(schema))
+        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=counts)
+
+    def decode(self, block: Block, schema: CacheSchema) -> Block:
+        n, v = schema.k, schema.vocab_size
+        counts = block.topk_logprobs.astype(np.int64)  # (R, N) in sorted-id order
+        sorted_ids = _row_cumsum(block.topk_ids, np.int64)
+        # Probability order: count descending, ties by id ascending; padding (count 0) last.
+        key, _ = _sort_rows((n - counts) * (v + 1) + np.where(counts > 0, sorted_ids, 0))
+        counts, ids = n - key // (v + 1), key % (v + 1)
+        # -inf for padding; through float32 first, as the capture rounds it
+        lp = count_logprobs(n).astype(np.float32)[counts]
+        return _replace(
+            block,
+            topk_ids=ids.astype(schema.id_dtype),
+            topk_logprobs=lp.astype(schema.logprob_dtype),
+        )
+
+
 def _row_cumsum(gaps: np.ndarray, dtype) -> np.ndarray:
     """Cumulative sum along each row, as one pass over the flat array (numpy's axis=1 cumsum
     over short rows is several times slower)."""
@@ -108,7 +166,8 @@ def _replace(block: Block, **arrays: np.ndarray) -> Block:
 
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (Codec(), SortedQuantized(8), SortedQuantized(10), SortedQuantized(12))
+    c.name: c
+    for c in (Codec(), SortedQuantized(8), SortedQuantized(10), SortedQuantized(12), SortedCounts())
 }
 
 

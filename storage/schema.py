@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 LOGPROB_DTYPES = ("float16", "float32")
 TARGETS_ON = ("all", "mask")
 TARGET_KINDS = ("topk", "sampled")
-CODECS = ("plain", "sorted-q8", "sorted-q10", "sorted-q12")  # kdcache.storage.codecs
+CODECS = ("plain", "sorted-q8", "sorted-q10", "sorted-q12", "sorted-counts")  # storage.codecs
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
@@ -72,6 +72,11 @@ class CacheSchema:
             problems.append(f"targets must be one of {TARGET_KINDS}, got {self.targets!r}")
         if self.codec not in CODECS:
             problems.append(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.codec == "sorted-counts" and self.targets != "sampled":
+            problems.append(
+                f"the sorted-counts codec stores sampled targets, found targets={self.targets!r}; "
+                "use --targets sampled or a sorted-qB codec"
+            )
         tau = self.proposal_temperature
         if not isinstance(tau, int | float) or not tau > 0:
             problems.append(f"proposal_temperature must be > 0, got {tau!r}")
@@ -79,6 +84,11 @@ class CacheSchema:
             problems.append(
                 f"proposal_temperature {tau} applies to sampled targets only, found targets="
                 f"{self.targets!r}; use --targets sampled or drop --proposal-temperature"
+            )
+        elif tau != 1.0 and self.codec == "sorted-counts":
+            problems.append(
+                f"the sorted-counts codec stores whole counts, found proposal_temperature {tau} "
+                "(importance weights); use a sorted-qB codec or proposal temperature 1"
             )
         if problems:
             raise ConfigError("; ".join(problems))

@@ -133,3 +133,71 @@ def test_codec_keeps_the_padding_of_sampled_targets(tmp_path):
     real = counts > 0
     np.testing.assert_array_equal(np.sort(got.topk_ids[0, :4]), [3, 7, 9, 50])
     np.testing.assert_allclose(np.exp(got.topk_logprobs[real]), (counts / 8)[real], rtol=0.02)
+
+
+def _sampled_block(schema: CacheSchema, rows: int = 300, seed: int = 0) -> Block:
+    """Rows drawn by the capture's own sampler (counts / N, count order, padding last)."""
+    import torch
+
+    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.storage.schema import Sequence
+
+    z = torch.randn(rows, schema.vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
+    seeds = row_seeds(torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows))
+    ids, lp, tail, _ = sample_from_logits(z, schema.k, seeds)
+    seqs, start = [], 0
+    for j, n in enumerate([1, 120, 7, rows - 128]):
+        seqs.append(
+            Sequence(
+                j,
+                np.arange(n) % schema.vocab_size,
+                np.ones(n, np.uint8),
+                np.zeros(1, np.int32),
+                ids[start : start + n].numpy(),
+                lp[start : start + n].numpy().astype(schema.logprob_dtype),
+                tail[start : start + n].numpy(),
+            )
+        )
+        start += n
+    return Block.from_sequences(seqs, schema)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_sorted_counts_codec_is_lossless_for_sampled_targets(tmp_path, backend, dtype):
+    schema = CacheSchema(k=16, vocab_size=3000, targets="sampled", logprob_dtype=dtype)
+    exact = _sampled_block(schema)
+    coded = CacheSchema(**{**schema.__dict__, "codec": "sorted-counts"})
+    write_cache(
+        tmp_path / "c",
+        CacheIdentity(backend=backend, schema=coded, fingerprints={}, settings={}),
+        [exact],
+    )
+    cache = CacheReader(tmp_path / "c")
+    got = cache.block(0, cache.num_sequences)
+    np.testing.assert_array_equal(got.topk_ids, exact.topk_ids)  # ids, order, padding 0
+    np.testing.assert_array_equal(got.topk_logprobs, exact.topk_logprobs)  # log(count / N)
+    np.testing.assert_array_equal(got.log_tail, exact.log_tail)
+    assert cache.describe()["codec_error"]["kl_max"] == 0.0
+    # What is stored: sorted gaps and whole counts, padding last
+    stored = get_codec("sorted-counts").encode(exact, coded)
+    assert stored.topk_logprobs.dtype == np.uint8
+    counts = stored.topk_logprobs.astype(int)
+    assert (counts.sum(1) == 16).all()
+    assert ((counts[:, 1:] == 0) | (counts[:, :-1] > 0)).all()  # no entry after padding
+    assert (stored.topk_ids[counts == 0] == 0).all()
+
+
+def test_sorted_counts_codec_refuses_what_it_cannot_store_exactly():
+    from kdcache.storage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sorted-counts codec stores sampled targets"):
+        CacheSchema(k=4, vocab_size=10, codec="sorted-counts")
+    with pytest.raises(ConfigError, match="stores whole counts"):
+        CacheSchema(
+            k=4, vocab_size=10, targets="sampled", codec="sorted-counts", proposal_temperature=2.0
+        )
+    schema = CacheSchema(k=4, vocab_size=10, targets="sampled", codec="sorted-counts")
+    block = synthetic_block(np.random.default_rng(0), [5], schema)  # weights, not counts / 4
+    with pytest.raises(ConfigError, match="not: .* off a whole count"):
+        get_codec("sorted-counts").encode(block, schema)
