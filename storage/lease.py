@@ -211,11 +211,17 @@ class Lease:
                 self.lost = f"it expired at {_iso(self.expires_at)} before it was renewed (the writer stalled)"
             elif any(g > self.generation for g in self._generations()):
                 self.lost = "another writer took it over"
+            elif not self._owns_file():
+                self.lost = "its lease file was removed"
         if self.lost is not None:
             raise PartLockedError(
                 f"{self.dir}: this writer lost its lease on the part ({self.lost}); it stopped "
                 "writing; rerun to resume the part (if no other writer finishes it)"
             )
+
+    def _owns_file(self) -> bool:
+        record = self._read(self.generation) or {}
+        return (record.get("owner") or {}).get("id") == self.owner["id"]
 
     def renew(self) -> None:
         """Extend the lease by its duration, or raise PartLockedError if it is lost."""
@@ -254,7 +260,6 @@ class Lease:
         with self._lock:
             if self.generation is None:
                 return
-            record = self._read(self.generation)
-            if record is not None and (record.get("owner") or {}).get("id") == self.owner["id"]:
+            if self._owns_file():
                 (self.dir / lease_name(self.generation)).unlink(missing_ok=True)
             self.generation = None

@@ -190,3 +190,19 @@ def test_second_writer_refused_while_live_takes_over_after_expiry_and_first_stop
     straight = write_cache(tmp_path / "straight", IDENT, [block])
     taken_over = CacheReader(out).manifest
     assert taken_over["parts"][0]["tokens_sha256"] == straight["parts"][0]["tokens_sha256"]
+
+
+def test_an_abandoned_writer_never_brings_its_lease_back(tmp_path):
+    """A writer object left behind in this process (its heartbeat still running) loses the
+    part to a newer writer, and does not recreate its lease after that one commits."""
+    block = synthetic_block(np.random.default_rng(2), [4, 4, 4], SCHEMA)
+    part = parts_dir(tmp_path) / part_name(0)
+    old = PartWriter.open(tmp_path, IDENT, lease_seconds=0.4)  # heartbeat every 0.1 s
+    old.add_block(block.slice(0, 1))
+    new = PartWriter.open(tmp_path, IDENT)
+    new.add_block(block.slice(1, 3))
+    new.commit()
+    time.sleep(0.5)
+    assert leases(part) == []
+    with pytest.raises(PartLockedError, match="lost its lease"):
+        old.add_block(block.slice(1, 3))
