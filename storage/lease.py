@@ -263,3 +263,4 @@ class Lease:
             if self._owns_file():
                 (self.dir / lease_name(self.generation)).unlink(missing_ok=True)
             self.generation = None
+            self.lost = self.lost or "it was released"  # a thread still writing stops now

@@ -31,7 +31,7 @@ from kdcache.storage.base import get_backend
 from kdcache.storage.codecs import get_codec, reconstruction_kl
 from kdcache.storage.errors import CacheMismatchError, WriteFailedError
 from kdcache.storage.integrity import file_table
-from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease, is_lease_file
+from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease
 from kdcache.storage.manifest import (
     MANIFEST,
     PART_RECORD,
@@ -199,7 +199,7 @@ class PartWriter:
         progress = read_json(self.dir / PROGRESS)
         if progress is None:  # killed before its first flush: nothing durable to keep
             for p in self.dir.iterdir():
-                if not is_lease_file(p.name):
+                if not p.name.startswith(".lease"):  # leases, and files of writers taking one
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         state = progress["backend_state"] if progress else None
         self._writer = self.backend.writer(self.dir, self.schema, self.backend_options, state)
