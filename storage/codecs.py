@@ -17,10 +17,12 @@ see the logical schema (ids in probability order, log-probs in the schema's dtyp
                  ``codec_error`` in part.json). Probability order is restored by sorting on q
                  (descending), ties by id (ascending).
 ``sorted-counts`` sampled targets drawn at temperature 1 only, lossless: per row the drawn ids
-                 sorted ascending and delta-coded (padding last, gap 0), and each id's count
-                 (count = N * exp(log-prob), N = the schema's k) as uint8 (uint16 for N > 255),
-                 0 for padding. Decoding: log-prob = log(count / N); probability order is count
-                 descending, ties by id ascending (the order the capture writes).
+                 sorted ascending and delta-coded (padding last, gap 0; every other gap after
+                 the first column is >= 1, so padding is the gaps that are 0 there), and each
+                 id's count minus 1 (count = N * exp(log-prob), N = the schema's k) as uint8
+                 (uint16 for N > 256), 0 for padding. Decoding: log-prob = log(count / N);
+                 probability order is count descending, ties by id ascending (the order the
+                 capture writes).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class SortedCounts(Codec):
 
     @staticmethod
     def _count_dtype(schema: CacheSchema) -> np.dtype:
-        return np.dtype(np.uint8 if schema.k <= 255 else np.uint16)
+        return np.dtype(np.uint8 if schema.k <= 256 else np.uint16)
 
     def encode(self, block: Block, schema: CacheSchema) -> Block:
         from kdcache.storage.errors import ConfigError
@@ -115,17 +117,27 @@ class SortedCounts(Codec):
                 f"codec), found weights that are not: {float(np.abs(exact - counts).max()):.3f} "
                 "off a whole count; use a sorted-qB codec for importance-weighted targets"
             )
+        if block.num_rows and not (counts[:, 0] > 0).all():
+            raise ConfigError(
+                "expected at least one drawn id in every sampled row, found a row of padding "
+                "only; recapture the cache (a row holds N >= 1 draws)"
+            )
         key = np.where(counts > 0, block.topk_ids.astype(np.int64), schema.vocab_size)
         sorted_ids, order = _sort_rows(key)  # ascending ids, padding (key V) last
         valid = sorted_ids < schema.vocab_size
         gaps = np.where(valid, np.diff(sorted_ids, axis=1, prepend=0), 0)
-        counts = np.take_along_axis(counts, order, axis=1).astype(self._count_dtype(schema))
-        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=counts)
+        counts = np.take_along_axis(counts, order, axis=1)
+        # count - 1: singletons (most draws) and padding share the symbol 0
+        stored = np.maximum(counts - 1, 0).astype(self._count_dtype(schema))
+        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=stored)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
         n, v = schema.k, schema.vocab_size
-        counts = block.topk_logprobs.astype(np.int64)  # (R, N) in sorted-id order
-        sorted_ids = _row_cumsum(block.topk_ids, np.int64)
+        gaps = block.topk_ids
+        valid = gaps > 0
+        valid[:, :1] = True  # the first column always holds a draw (its gap is its id)
+        counts = np.where(valid, block.topk_logprobs.astype(np.int64) + 1, 0)  # sorted-id order
+        sorted_ids = _row_cumsum(gaps, np.int64)
         # Probability order: count descending, ties by id ascending; padding (count 0) last.
         key, _ = _sort_rows((n - counts) * (v + 1) + np.where(counts > 0, sorted_ids, 0))
         counts, ids = n - key // (v + 1), key % (v + 1)
