@@ -5,7 +5,7 @@ backend stores it, and the cache reader decodes every block the backend loads, s
 see the logical schema (ids in probability order, log-probs in the schema's dtype).
 
 ``plain``        stores the logical arrays as they are.
-``sorted-qB``    (B = 8, 10 or 12) per row: ids sorted ascending and delta-coded (first id, then the
+``sorted-qB``    (B = 8, 9, 10 or 12) per row: ids sorted ascending and delta-coded (first id, then the
                  gaps, all >= 1; 0 only between padding entries) so that zstd sees small numbers;
                  probabilities quantized as q = round(sqrt(p / m) * (2^B - 1)), clamped to >= 1
                  (0 for padding entries, p = 0, of sampled targets), where m = the row's top-k
@@ -178,8 +178,7 @@ def _replace(block: Block, **arrays: np.ndarray) -> Block:
 
 
 CODECS: dict[str, Codec] = {
-    c.name: c
-    for c in (Codec(), SortedQuantized(8), SortedQuantized(10), SortedQuantized(12), SortedCounts())
+    c.name: c for c in (Codec(), *(SortedQuantized(b) for b in (8, 9, 10, 12)), SortedCounts())
 }
 
 

@@ -23,7 +23,14 @@ FORMAT_VERSION = 1
 LOGPROB_DTYPES = ("float16", "float32")
 TARGETS_ON = ("all", "mask")
 TARGET_KINDS = ("topk", "sampled")
-CODECS = ("plain", "sorted-q8", "sorted-q10", "sorted-q12", "sorted-counts")  # storage.codecs
+CODECS = (
+    "plain",
+    "sorted-q8",
+    "sorted-q9",
+    "sorted-q10",
+    "sorted-q12",
+    "sorted-counts",
+)  # storage.codecs
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:

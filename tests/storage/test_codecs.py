@@ -17,7 +17,7 @@ from kdcache.storage.schema import Block, CacheSchema
 from kdcache.storage.synthetic import synthetic_block
 from kdcache.storage.writer import write_cache
 
-CODECS = ["sorted-q8", "sorted-q10", "sorted-q12"]
+CODECS = ["sorted-q8", "sorted-q9", "sorted-q10", "sorted-q12"]
 
 
 def write(
@@ -65,7 +65,13 @@ def test_compact_codec_is_smaller_and_plain_converts_back(tmp_path):
     for codec in CODECS:
         convert_cache(tmp_path / "plain", tmp_path / codec, "zarr", codec=codec)
     sizes = {c: CacheReader(tmp_path / c).describe()["bytes_on_disk"] for c in ["plain", *CODECS]}
-    assert sizes["sorted-q8"] < sizes["sorted-q10"] < sizes["sorted-q12"] < sizes["plain"], sizes
+    assert (
+        sizes["sorted-q8"]
+        < sizes["sorted-q9"]
+        < sizes["sorted-q10"]
+        < sizes["sorted-q12"]
+        < sizes["plain"]
+    ), sizes
     back = convert_cache(tmp_path / "sorted-q8", tmp_path / "back", "arrow", codec="plain")
     assert back["schema"]["codec"] == "plain"
     a, b = CacheReader(tmp_path / "sorted-q8")[0:4], CacheReader(tmp_path / "back")[0:4]
@@ -201,3 +207,31 @@ def test_sorted_counts_codec_refuses_what_it_cannot_store_exactly():
     block = synthetic_block(np.random.default_rng(0), [5], schema)  # weights, not counts / 4
     with pytest.raises(ConfigError, match="not: .* off a whole count"):
         get_codec("sorted-counts").encode(block, schema)
+
+
+def test_numpy_decode_of_sorted_counts_following_format_md(tmp_path):
+    """docs/FORMAT.md's sorted-counts recipe, with plain zarr + numpy, gives the reader's arrays."""
+    schema = CacheSchema(k=16, vocab_size=3000, targets="sampled", codec="sorted-counts")
+    write_cache(
+        tmp_path / "c",
+        CacheIdentity(backend="zarr", schema=schema, fingerprints={}, settings={}),
+        [_sampled_block(CacheSchema(k=16, vocab_size=3000, targets="sampled"))],
+    )
+    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+    g = zarr.open_group(tmp_path / "c/parts" / manifest["parts"][0]["name"], mode="r")
+    ro = g["row_offsets"][:]
+    j = 1
+    N = manifest["schema"]["k"]
+    gaps = g["topk_ids"][ro[j] : ro[j + 1]].astype(np.int64)
+    stored = g["topk_logprobs"][ro[j] : ro[j + 1]].astype(np.int64)
+    real = gaps > 0
+    real[:, 0] = True
+    counts = np.where(real, stored + 1, 0)
+    sorted_ids = np.where(real, np.cumsum(gaps, axis=1), 0)
+    order = np.lexsort((sorted_ids, -counts), axis=-1)
+    ids = np.take_along_axis(sorted_ids, order, axis=1)
+    with np.errstate(divide="ignore"):
+        logprobs = np.log(np.take_along_axis(counts, order, axis=1) / N).astype(np.float32)
+    seq = CacheReader(tmp_path / "c")[j]
+    np.testing.assert_array_equal(ids, seq.topk_ids)
+    np.testing.assert_array_equal(logprobs.astype(np.float16), seq.topk_logprobs)
