@@ -105,7 +105,7 @@ def _capture_task(shard: int):
 
 
 def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureConfig):
-    """(client, cluster we made or None, number of workers, plugin options)."""
+    """(client, the LocalCluster made here or None, the worker plugin's options)."""
     if scheduler is None:
         gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
         n = workers or min(cfg.num_shards, gpus or max(1, (os.cpu_count() or 1)))
@@ -114,15 +114,14 @@ def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureCo
             threads_per_worker=1,
             processes=processes,
             dashboard_address=":0",
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,  # task errors come back to the client as one line
         )
         threads = max(1, (os.cpu_count() or 1) // n) if processes and not gpus else None
         return Client(cluster), cluster, {"torch_threads": threads, "gpu_per_worker": True}
     if isinstance(scheduler, Client):
         return scheduler, None, {}
-    if isinstance(scheduler, str):
-        return Client(scheduler), None, {}
-    return Client(scheduler), None, {}  # a cluster object (SLURMCluster, LocalCUDACluster, ...)
+    # an address (tcp://host:8786) or a cluster object (SLURMCluster, LocalCUDACluster, ...)
+    return Client(scheduler), None, {}
 
 
 def run_on_dask(
