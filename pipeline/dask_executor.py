@@ -172,6 +172,7 @@ def run_on_dask(
                 + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
             )
     finally:
-        if cluster is not None:
+        if client is not scheduler:  # a Client passed in stays open for its owner
             client.close()
+        if cluster is not None:
             cluster.close()
