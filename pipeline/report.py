@@ -532,7 +532,9 @@ def write_plots(report: dict, out: Path) -> list[str]:
             for x, y, n in pts:
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.axhline(uni, color="gray", linestyle="--", label="unigram")
-        ax.set_xscale("log")
+        xs = [r[x_key] for r in models.values() if r.get(x_key)]
+        if xs and max(xs) > 10 * min(xs):  # log only over more than a decade (readable ticks)
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out cross-entropy (nats/token)")
         ax.set_title(title)
