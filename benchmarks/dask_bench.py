@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from kdcache.pipeline.corpus import builtin_corpus
-from kdcache.pipeline.executors import run_dask, run_local
+from kdcache.pipeline.executors import available_cpus, run_dask, run_local
 from kdcache.stages.capture import CaptureConfig
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
 from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    cores = available_cpus()  # taskset / cpuset aware
+    torch.set_num_threads(cores)
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
     with tempfile.TemporaryDirectory(prefix="kdcache-dask-bench-") as tmp_name:
@@ -90,7 +92,7 @@ def main() -> None:
 
         from distributed import LocalCluster
 
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        threads = max(1, cores // args.workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in each worker process
         with LocalCluster(
             n_workers=args.workers,
@@ -104,7 +106,7 @@ def main() -> None:
         print(
             f"data: {local.positions:,} positions in {len(local.parts)} parts; teacher: built-in "
             f"GPT {args.size}, vocab {args.vocab}, k {args.k}, seq-len {args.seq_len}, {args.device}; "
-            f"{os.cpu_count()} cores, torch threads: {torch.get_num_threads()} in the single "
+            f"{cores} cores, torch threads: {torch.get_num_threads()} in the single "
             f"process, {threads} per Dask worker"
         )
         rows = [

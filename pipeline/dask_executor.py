@@ -16,7 +16,6 @@ Imported only by ``run_dask`` (kdcache.pipeline.executors): distributed is neede
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from dataclasses import replace
@@ -25,7 +24,7 @@ import torch
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from distributed.scheduler import KilledWorker
 
-from kdcache.pipeline.executors import CaptureRun
+from kdcache.pipeline.executors import CaptureRun, available_cpus
 from kdcache.stages.capture import CaptureConfig, CaptureSession, capture_part, load_session
 from kdcache.storage.errors import KDCacheError
 from kdcache.storage.manifest import part_name
@@ -108,7 +107,7 @@ def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureCo
     """(client, the LocalCluster made here or None, the worker plugin's options)."""
     if scheduler is None:
         gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
-        n = workers or min(cfg.num_shards, gpus or max(1, (os.cpu_count() or 1)))
+        n = workers or min(cfg.num_shards, gpus or available_cpus())
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -116,7 +115,7 @@ def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureCo
             dashboard_address=":0",
             silence_logs=logging.CRITICAL,  # task errors come back to the client as one line
         )
-        threads = max(1, (os.cpu_count() or 1) // n) if processes and not gpus else None
+        threads = max(1, available_cpus() // n) if processes and not gpus else None
         return Client(cluster), cluster, {"torch_threads": threads, "gpu_per_worker": True}
     if isinstance(scheduler, Client):
         return scheduler, None, {}

@@ -16,6 +16,7 @@ never writes next to the one it replaces. When every part is committed the cache
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,15 @@ class CaptureRun:
             f"on {self.workers} {self.executor} worker{'s' if self.workers != 1 else ''}"
             + ("; cache finalized" if self.finalized else f"; not finalized: {self.missing}")
         )
+
+
+def available_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (what taskset, SLURM and container
+    cpusets grant), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def absolute_paths(cfg: CaptureConfig) -> CaptureConfig:
