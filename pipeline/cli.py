@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.storage.errors import KDCacheError
+from kdcache.storage.errors import ConfigError, KDCacheError
 from kdcache.storage.schema import CODECS
 
 
@@ -272,6 +272,10 @@ def cache(**opts) -> None:
     opts["shard_index"] = _shard_index(opts["shard_index"] or "0")
     samples = opts.pop("samples")
     if opts["targets"] == "sampled":
+        if samples < 1:
+            raise ConfigError(
+                f"--samples must be >= 1, got {samples}; pass the draws per position, e.g. 16"
+            )
         opts["k"] = samples  # a row holds up to N unique draws
     opts["progress"] = not opts.pop("no_progress")
     for key in ("data", "out"):

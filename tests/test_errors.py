@@ -36,6 +36,11 @@ CASES = [
         "--k must be an integer >= 1, got 0",
     ),
     (
+        "cache-samples-zero",
+        "cache --teacher nope --data d.jsonl --out o --targets sampled --samples 0",
+        "--samples must be >= 1, got 0",
+    ),
+    (
         "cache-seq-len",
         "cache --teacher nope --data d.jsonl --out o --seq-len 1",
         "--seq-len must be >= 2, got 1",
