@@ -105,6 +105,9 @@ def _capture_task(shard: int):
 
 def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureConfig):
     """(client, the LocalCluster made here or None, the worker plugin's options)."""
+    # distributed sets its loggers to INFO when imported; follow kdcache's level instead (-v)
+    level = max(logging.getLogger().getEffectiveLevel(), logging.INFO)
+    logging.getLogger("distributed").setLevel(level)
     if scheduler is None:
         gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
         n = workers or min(cfg.num_shards, gpus or available_cpus())
