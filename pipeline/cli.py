@@ -757,6 +757,7 @@ def stats(cache: Path, as_json: bool, plot_dir: Path | None, top: int, workers: 
         f"size               {s['bytes_per_position']:.1f} bytes/position, {s['entries_per_row']:.1f} stored entries/row, "
         f"{s['bytes_per_entry']:.2f} bytes/entry"
     )
+    click.echo(f"codec error        {_codec_error(s['codec_error'])}")
     click.echo(
         f"top-k mass         mean {s['topk_mass_mean']:.4f}; p05 {mq['p05']:.3f}, p25 {mq['p25']:.3f}, "
         f"median {mq['p50']:.3f}, p75 {mq['p75']:.3f}, p95 {mq['p95']:.3f}"

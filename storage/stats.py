@@ -191,6 +191,7 @@ def cache_stats(
         "target_rows": n,
         "k": schema.k,
         "codec": schema.codec,
+        "codec_error": cache.describe()["codec_error"],  # KL exact -> decoded top-k (per part)
         "bytes_per_position": nbytes / max(cache.num_positions, 1),
         "entries_per_row": entries / max(n, 1),
         "bytes_per_entry": nbytes / max(entries, 1),

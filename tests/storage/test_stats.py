@@ -103,6 +103,11 @@ def test_stats_match_a_numpy_pass(tmp_path, backend, codec, targets):
         assert s["topk_distinct_ids"] == int((ref["topk"] > 0).sum())
         if targets == "sampled":
             assert s["topk_mass_mean"] == pytest.approx(1.0, abs=1e-3)
+    # the reconstruction error of the codec, as recorded per part (none for plain)
+    err = s["codec_error"]
+    assert (err is None) == (codec == "plain")
+    if err is not None:
+        assert err["rows"] == 248 and 0 < err["kl_mean"] <= err["kl_p99"] <= err["kl_max"]
 
 
 def kdcache(*args, **kw) -> subprocess.CompletedProcess:
