@@ -2,8 +2,9 @@
 
 Built-in teacher and corpus; students of one size (``--student``), the same steps and seeds, from:
 hard labels only; online full-logit KD (teacher live: the reference); cached top-k KD for k in
-{1, 8, 32, 128} with three losses (forward KL renormalized over the top-k, forward KL with the rest
-bucket, soft CE under the student's full softmax); sampled targets with N in {16, 64}. Prints (and
+{1, 8, 32, 128} with forward KL renormalized over the top-k, forward KL with the rest bucket, soft
+CE under the student's full softmax, and 0.7 soft CE + 0.3 hard-label CE; sampled targets with N
+in {16, 64}. Prints (and
 writes WORKDIR/quality.md, quality.json, quality.png) held-out cross-entropy (mean +- std over
 seeds), expected calibration error, top-1 agreement with the teacher, bytes per position, capture
 time, and the share of online KD's gain each method keeps: (CE_hard - CE_m) / (CE_hard - CE_online).
@@ -105,7 +106,7 @@ def cached_kd(
     args,
     seed: int,
     loss: str,
-    k: int | None = None,
+    alpha: float | None = None,
 ) -> dict:
     m = run_train(
         TrainConfig(
@@ -113,7 +114,7 @@ def cached_kd(
             student=args.student,
             out=str(work / "runs" / f"{name}-{seed}"),
             loss=loss,
-            k=k,
+            alpha=alpha,
             steps=args.steps,
             batch_size=args.batch_size,
             warmup=args.warmup,
@@ -181,6 +182,8 @@ def main() -> None:
         methods[f"top-{k} forward KL"] = (f"top{k}", "forward_kl", None)
         methods[f"top-{k} forward KL + rest bucket"] = (f"top{k}", "forward_kl_tail", None)
         methods[f"top-{k} soft CE"] = (f"top{k}", "soft_ce", None)
+        # 0.7 soft CE + 0.3 hard-label CE: the labels teach what the top-k leaves out
+        methods[f"top-{k} soft CE, alpha 0.7"] = (f"top{k}", "soft_ce", 0.7)
     for n in (16, 64):
         methods[f"sampled N={n}"] = (f"sampled{n}", "soft_ce", None)
     results = {}
@@ -190,7 +193,7 @@ def main() -> None:
             if spec is None:
                 runs.append(online_kd(work, caches["top128"]["path"], eval_cache, args, seed))
             else:
-                cache, loss, k = spec
+                cache, loss, alpha = spec
                 runs.append(
                     cached_kd(
                         work,
@@ -200,7 +203,7 @@ def main() -> None:
                         args,
                         seed,
                         loss,
-                        k,
+                        alpha,
                     )
                 )
             print(f"{name} seed {runs[-1] and seed}: CE {runs[-1]['ce']:.4f}", flush=True)
