@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from kdcache.pipeline.cli import main
-from kdcache.pipeline.report import PLOTS, MissingMetricsError, build_report
+from kdcache.pipeline.report import MissingMetricsError, build_report
+from kdcache.pipeline.report_render import PLOTS
 from kdcache.storage.manifest import committed_records
 
 RUNS = (
