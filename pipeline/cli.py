@@ -232,6 +232,14 @@ def _shard_index(value: str) -> int | str:
     help="Padded tokens per teacher batch.",
 )
 @click.option(
+    "--group-docs",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Documents per batching group, the unit that --num-shards deals out (group g goes to "
+    "part g mod N): lower it when a small dataset is split into many shards.",
+)
+@click.option(
     "--flush-positions",
     type=int,
     default=65536,

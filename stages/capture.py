@@ -670,7 +670,8 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     if not batches:
         raise ConfigError(
             f"shard {shard} of {num_shards} got no sequence to capture from --data {cfg.data} "
-            "(too few documents for this many shards, or every document is shorter than 2 tokens)"
+            "(too few documents for this many shards: lower --group-docs or --num-shards; or "
+            "every document is shorter than 2 tokens)"
         )
     writer = PartWriter(
         Path(cfg.out),

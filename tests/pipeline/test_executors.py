@@ -215,3 +215,17 @@ def test_slurm_array_tasks_then_finalize_lists_missing_parts(
     r = CliRunner().invoke(cli_main, ["finalize", str(out)])  # the dependent job: idempotent
     assert r.exit_code == 0 and "finalized 3 parts" in r.output, r.output
     assert_same_parts(out, local_cache)
+
+
+def test_group_docs_option_deals_small_datasets_over_many_shards(teacher, docs, tmp_path):
+    """120 documents in groups of 256 give shard 1 of 2 nothing: one line naming --group-docs;
+    --group-docs 32 deals them out (the groups are the unit of sharding)."""
+    args = ["cache", "--teacher", teacher, "--data", docs, "--k", "8", "--seq-len", "64"]
+    args += ["--num-shards", "2", "--shard-index", "1", "--no-progress"]
+    r = CliRunner().invoke(cli_main, [str(a) for a in [*args, "--out", tmp_path / "a"]])
+    assert r.exit_code == 2 and "lower --group-docs or --num-shards" in r.output, r.output
+    more = ["--out", tmp_path / "b", "--group-docs", "32"]
+    r = CliRunner().invoke(cli_main, [str(a) for a in [*args, *more]])
+    assert r.exit_code == 0, r.output
+    part = json.loads((tmp_path / "b" / "parts" / "part-00001" / "part.json").read_text())
+    assert part["counts"]["sequences"] > 0 and part["config"]["group_docs"] == 32
