@@ -132,18 +132,15 @@ class SortedCounts(Codec):
         return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=stored)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
-        n = schema.k
-        small = np.int16 if n < 2**15 else np.int32
+        n, v = schema.k, schema.vocab_size
         gaps = block.topk_ids
         valid = gaps > 0
         valid[:, :1] = True  # the first column always holds a draw (its gap is its id)
-        counts = np.where(valid, block.topk_logprobs.astype(small) + 1, 0)  # sorted-id order
-        # Probability order: count descending, ties by id ascending, padding (count 0) last. The
-        # ids are ascending already, so a stable sort on the count alone (radix sort) gives it.
-        order = np.argsort(n - counts, axis=1, kind="stable")
-        counts = np.take_along_axis(counts, order, axis=1)
-        ids = np.take_along_axis(_row_cumsum(gaps, np.int64), order, axis=1)
-        ids = np.where(counts > 0, ids, 0)
+        counts = np.where(valid, block.topk_logprobs.astype(np.int64) + 1, 0)  # sorted-id order
+        sorted_ids = _row_cumsum(gaps, np.int64)
+        # Probability order: count descending, ties by id ascending; padding (count 0) last.
+        key, _ = _sort_rows((n - counts) * (v + 1) + np.where(counts > 0, sorted_ids, 0))
+        counts, ids = n - key // (v + 1), key % (v + 1)
         # -inf for padding; through float32 first, as the capture rounds it
         lp = count_logprobs(n).astype(np.float32)[counts]
         return _replace(
