@@ -44,6 +44,11 @@ class Codec:
     def decode(self, block: Block, schema: CacheSchema) -> Block:
         return block
 
+    def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (R, k) int64, real (R, k) bool) of a stored block's entries, in stored order and
+        without a full decode: enough for anything that needs each row's id set, not its order."""
+        return block.topk_ids.astype(np.int64), np.isfinite(block.topk_logprobs)
+
 
 class SortedQuantized(Codec):
     def __init__(self, bits: int) -> None:
@@ -85,6 +90,9 @@ class SortedQuantized(Codec):
             topk_ids=ids.astype(schema.id_dtype),
             topk_logprobs=lp.astype(schema.logprob_dtype),
         )
+
+    def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        return _row_cumsum(block.topk_ids, np.int64), block.topk_logprobs > 0  # q = 0: padding
 
 
 def count_logprobs(n: int) -> np.ndarray:
@@ -133,11 +141,8 @@ class SortedCounts(Codec):
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
         n, v = schema.k, schema.vocab_size
-        gaps = block.topk_ids
-        valid = gaps > 0
-        valid[:, :1] = True  # the first column always holds a draw (its gap is its id)
+        sorted_ids, valid = self.entry_ids(block)
         counts = np.where(valid, block.topk_logprobs.astype(np.int64) + 1, 0)  # sorted-id order
-        sorted_ids = _row_cumsum(gaps, np.int64)
         # Probability order: count descending, ties by id ascending; padding (count 0) last.
         key, _ = _sort_rows((n - counts) * (v + 1) + np.where(counts > 0, sorted_ids, 0))
         counts, ids = n - key // (v + 1), key % (v + 1)
@@ -148,6 +153,11 @@ class SortedCounts(Codec):
             topk_ids=ids.astype(schema.id_dtype),
             topk_logprobs=lp.astype(schema.logprob_dtype),
         )
+
+    def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        valid = block.topk_ids > 0  # padding: a gap of 0 after the first column
+        valid[:, :1] = True  # the first column always holds a draw (its gap is its id)
+        return _row_cumsum(block.topk_ids, np.int64), valid
 
 
 def _row_cumsum(gaps: np.ndarray, dtype) -> np.ndarray:

@@ -55,11 +55,9 @@ def _row_stats(ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, schema: CacheS
 
 def _kept_ids(ids: np.ndarray, lp: np.ndarray, schema: CacheSchema) -> np.ndarray:
     """(R*k,) int64 ids of every stored entry, padding mapped to vocab_size (dropped later).
-    The set of ids in a row does not depend on the order, so no full decode is needed."""
-    if schema.codec == "plain":
-        ids64, keep = ids.astype(np.int64), np.isfinite(lp)
-    else:  # sorted-qB: delta-coded ids, q == 0 marks padding
-        ids64, keep = np.cumsum(ids.astype(np.int64), axis=1), lp > 0
+    The set of ids in a row does not depend on the order: the codec gives it without decoding."""
+    stored = dataclasses.replace(Block.empty(schema), topk_ids=ids, topk_logprobs=lp)
+    ids64, keep = get_codec(schema.codec).entry_ids(stored)
     return np.where(keep, ids64, schema.vocab_size).reshape(-1)
 
 

@@ -228,3 +228,37 @@ def test_stats_out_of_core_under_a_memory_limit(tmp_path, backend):
         f"{backend}: decoded top-k {decoded_mb} MB, baseline {baseline_mb} MB, limit {limit_mb} MB, "
         f"peak {peak_mb} MB"
     )
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_stats_of_a_sorted_counts_cache_equal_the_plain_ones(tmp_path, backend):
+    """Lossless codec, same figures: every drawn id counts (singletons, stored as count - 1 = 0,
+    included), padding does not."""
+    import torch
+
+    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.storage.convert import convert_cache
+    from kdcache.storage.schema import Block, Sequence
+
+    schema = CacheSchema(k=16, vocab_size=300, targets="sampled")
+    z = torch.randn(200, 300, generator=torch.Generator().manual_seed(0)) * 2
+    ids, lp, tail, _ = sample_from_logits(
+        z, 16, row_seeds(torch.zeros(200).long(), torch.arange(200))
+    )
+    seq = Sequence(
+        0,
+        np.arange(200) % 300,
+        np.ones(200, np.uint8),
+        np.zeros(1, np.int32),
+        ids.numpy(),
+        lp.numpy().astype(np.float16),
+        tail.numpy(),
+    )
+    ident = CacheIdentity(backend=backend, schema=schema, fingerprints={}, settings={})
+    write_cache(tmp_path / "plain", ident, [Block.from_sequences([seq], schema)])
+    convert_cache(tmp_path / "plain", tmp_path / "counts", backend, codec="sorted-counts")
+    a, b = cache_stats(tmp_path / "plain"), cache_stats(tmp_path / "counts")
+    assert b["codec"] == "sorted-counts"
+    for key in ("entries_per_row", "topk_distinct_ids", "topk_most_frequent", "top1_most_frequent"):
+        assert a[key] == b[key], key
+    assert a["entropy_mean_nats"] == pytest.approx(b["entropy_mean_nats"])
