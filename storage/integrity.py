@@ -88,6 +88,7 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
         MANIFEST,
         check_format,
         identity_diff,
+        identity_of,
         load_manifest,
         part_name,
         parts_dir,
@@ -116,7 +117,6 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
         problems.append(f"{MANIFEST}: totals {manifest['totals']}, its parts sum to {totals}")
     if sum(int(p["bytes"]) for p in manifest["parts"]) != manifest["bytes_on_disk"]:
         problems.append(f"{MANIFEST}: bytes_on_disk differs from the sum of its parts' bytes")
-    ident_keys = ("backend", "schema", "fingerprints", "settings", "num_shards")
     for entry in manifest["parts"]:
         name = entry["name"]
         where = f"parts/{name}"
@@ -134,9 +134,7 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
         except KDCacheError as e:
             problems.append(f"{where}/part.json: {e}")
             continue
-        diffs = identity_diff(
-            {k: manifest.get(k) for k in ident_keys}, {k: record.get(k) for k in ident_keys}
-        )
+        diffs = identity_diff(identity_of(manifest), identity_of(record))
         for key in ("counts", "bytes", "tokens_sha256"):
             if record.get(key) != entry.get(key):
                 diffs.append(

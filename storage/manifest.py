@@ -127,6 +127,22 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+IDENTITY_KEYS = ("backend", "schema", "fingerprints", "settings", "num_shards")
+
+
+def identity_of(record: dict) -> dict:
+    """The identity fields of a part record or manifest, with the schema in its current form:
+    fields added since the record was written compare as their defaults, so older parts still
+    match newer ones (resume, finalize, verify)."""
+    found = {k: record.get(k) for k in IDENTITY_KEYS}
+    if isinstance(found["schema"], dict):
+        try:
+            found["schema"] = CacheSchema.from_dict(found["schema"]).to_dict()
+        except KDCacheError:
+            pass  # a schema this kdcache cannot read: reported as a difference
+    return found
+
+
 @dataclass(frozen=True)
 class CacheIdentity:
     """What must be equal for parts to belong to one cache (and for a rerun to resume).
@@ -151,13 +167,7 @@ class CacheIdentity:
         }
 
     def check_matches(self, found: dict, where: Path) -> None:
-        found = {k: found.get(k) for k in self.to_dict()}
-        if isinstance(found["schema"], dict):
-            try:  # fields added since the cache was written compare as their defaults
-                found["schema"] = CacheSchema.from_dict(found["schema"]).to_dict()
-            except KDCacheError:
-                pass  # reported below as a difference
-        diffs = identity_diff(self.to_dict(), found)
+        diffs = identity_diff(self.to_dict(), identity_of(found))
         if diffs:
             raise CacheMismatchError(
                 f"{where} holds a cache made with other settings ({'; '.join(diffs[:4])}"
@@ -208,11 +218,8 @@ def finalize(root: Path) -> dict:
             "run `kdcache cache` first"
         )
     first_name, first = next(iter(records.items()))
-    ident_keys = ("backend", "schema", "fingerprints", "settings", "num_shards")
     for name, rec in records.items():
-        diffs = identity_diff(
-            {k: first.get(k) for k in ident_keys}, {k: rec.get(k) for k in ident_keys}
-        )
+        diffs = identity_diff(identity_of(first), identity_of(rec))
         if diffs:
             raise CacheMismatchError(
                 f"{root}: parts {first_name} and {name} were made with different settings ({'; '.join(diffs[:3])}); "
@@ -257,7 +264,7 @@ def finalize(root: Path) -> dict:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "kind": "manifest",
-        **{k: first[k] for k in ident_keys},
+        **{k: first[k] for k in IDENTITY_KEYS},
         "config": first.get("config", {}),
         "backend_options": first.get("backend_options", {}),
         "parts": parts,

@@ -74,3 +74,30 @@ def test_identity_of_a_cache_written_before_a_schema_field_existed_still_matches
     old["schema"]["k"] = 8
     with pytest.raises(CacheMismatchError, match="schema.k: cache has 8, this run has 4"):
         ident.check_matches(old, tmp_path)
+
+
+def test_a_part_written_before_a_schema_field_existed_finalizes_and_verifies(tmp_path):
+    """A capture resumed next to an older part (its part.json lacks proposal_temperature):
+    finalize accepts both parts, verify finds nothing wrong, the reader gives the default."""
+    import json
+
+    from kdcache.storage.integrity import verify_cache
+    from kdcache.storage.manifest import CacheIdentity, finalize
+    from kdcache.storage.reader import CacheReader
+    from kdcache.storage.synthetic import synthetic_block
+    from kdcache.storage.writer import PartWriter
+
+    schema = CacheSchema(k=4, vocab_size=64)
+    ident = CacheIdentity(backend="zarr", schema=schema, fingerprints={}, settings={}, num_shards=2)
+    for shard in (0, 1):
+        w = PartWriter.open(tmp_path / "c", ident, shard_index=shard)
+        w.add_block(synthetic_block(np.random.default_rng(shard), [5, 7], schema))
+        w.commit()
+        if shard == 0:  # as an older kdcache wrote it
+            rec_path = tmp_path / "c" / "parts" / "part-00000" / "part.json"
+            rec = json.loads(rec_path.read_text())
+            del rec["schema"]["proposal_temperature"]
+            rec_path.write_text(json.dumps(rec))
+    finalize(tmp_path / "c")
+    assert verify_cache(tmp_path / "c") == []
+    assert CacheReader(tmp_path / "c").schema.proposal_temperature == 1.0
