@@ -27,6 +27,8 @@ see the logical schema (ids in probability order, log-probs in the schema's dtyp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from kdcache.storage.schema import Block, CacheSchema
@@ -34,6 +36,7 @@ from kdcache.storage.schema import Block, CacheSchema
 
 class Codec:
     name = "plain"
+    lossless = True  # decode(encode(b)) == b: no reconstruction error to measure
 
     def stored_dtypes(self, schema: CacheSchema) -> dict[str, np.dtype]:
         return schema.array_dtypes()
@@ -51,6 +54,8 @@ class Codec:
 
 
 class SortedQuantized(Codec):
+    lossless = False
+
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self.name = f"sorted-q{bits}"
@@ -68,11 +73,11 @@ class SortedQuantized(Codec):
         mass = p.sum(axis=1, keepdims=True)
         q = np.rint(np.sqrt(p / np.maximum(mass, 1e-300)) * self.levels)
         q = np.where(p > 0, np.clip(q, 1, self.levels), 0).astype(self.dtype)  # 0: padding only
-        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
+        return replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
         if block.num_rows == 0:
-            return _replace(block, topk_logprobs=block.topk_logprobs.astype(schema.logprob_dtype))
+            return replace(block, topk_logprobs=block.topk_logprobs.astype(schema.logprob_dtype))
         sorted_ids = _row_cumsum(
             block.topk_ids, np.int64 if schema.vocab_size > 2**24 else np.int32
         )
@@ -85,7 +90,7 @@ class SortedQuantized(Codec):
         log_mass = np.log(np.maximum(-np.expm1(tail), 0.0)).astype(np.float32)  # exact top-k mass
         with np.errstate(divide="ignore"):
             lp = np.log(s2) - np.log(s2.sum(axis=1, keepdims=True)) + log_mass
-        return _replace(
+        return replace(
             block,
             topk_ids=ids.astype(schema.id_dtype),
             topk_logprobs=lp.astype(schema.logprob_dtype),
@@ -137,7 +142,7 @@ class SortedCounts(Codec):
         counts = np.take_along_axis(counts, order, axis=1)
         # count - 1: singletons (most draws) and padding share the symbol 0
         stored = np.maximum(counts - 1, 0).astype(self._count_dtype(schema))
-        return _replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=stored)
+        return replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=stored)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
         n, v = schema.k, schema.vocab_size
@@ -148,7 +153,7 @@ class SortedCounts(Codec):
         counts, ids = n - key // (v + 1), key % (v + 1)
         # -inf for padding; through float32 first, as the capture rounds it
         lp = count_logprobs(n).astype(np.float32)[counts]
-        return _replace(
+        return replace(
             block,
             topk_ids=ids.astype(schema.id_dtype),
             topk_logprobs=lp.astype(schema.logprob_dtype),
@@ -179,12 +184,6 @@ def _sort_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = (values.astype(dtype) << shift) | np.arange(k, dtype=dtype)
     keys.sort(axis=1)
     return keys >> shift, keys & ((1 << shift) - 1)
-
-
-def _replace(block: Block, **arrays: np.ndarray) -> Block:
-    fields = dict(block.__dict__)
-    fields.update(arrays)
-    return Block(**fields)
 
 
 CODECS: dict[str, Codec] = {

@@ -259,7 +259,10 @@ class PartWriter:
             return
         stored = self.codec.encode(block, self.schema)
         if self.codec.name != "plain":  # measure what the codec loses, row by row
-            kl = reconstruction_kl(block, self.codec.decode(stored, self.schema))
+            if self.codec.lossless:
+                kl = np.zeros(block.num_rows)
+            else:
+                kl = reconstruction_kl(block, self.codec.decode(stored, self.schema))
             self.codec_error.add(kl)
         counts = dict(self.counts)
         c = block.counts()
