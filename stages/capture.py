@@ -387,6 +387,7 @@ def teacher_rows(
             for d in range(len(bounds) - 1):
                 seg[b, bounds[d] : bounds[d + 1]] = d
                 pos[b, bounds[d] : bounds[d + 1]] = torch.arange(bounds[d + 1] - bounds[d])
+    host_rows = rows
     ids, rows = ids.to(device, non_blocking=True), rows.to(device, non_blocking=True)
     if cfg.pack:
         seg, pos = seg.to(device, non_blocking=True), pos.to(device, non_blocking=True)
@@ -402,7 +403,7 @@ def teacher_rows(
     seeds = None
     if cfg.targets == "sampled":  # draws seeded by (sample id, position) of each target row
         sid = torch.tensor(np.array([s.sample_id for s in batch], np.uint64).view(np.int64))
-        where = rows.nonzero().cpu()  # (n, 2) (sequence, position), the order of h[rows]
+        where = host_rows.nonzero()  # (n, 2) (sequence, position), the order of h[rows]
         seeds = row_seeds(sid[where[:, 0]], where[:, 1]).to(device)
     if teacher.has_head:
         with autocast:

@@ -117,7 +117,7 @@ def extract_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same targets from logits (n, V) the model already computed, in float32 chunks."""
     return _chunks(
-        lambda i, j: logits[i:j].float().clone(),
+        lambda i, j: logits[i:j].to(torch.float32, copy=True),  # one copy, any dtype
         len(logits),
         k,
         chunk_rows,

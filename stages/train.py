@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kdcache.stages.adapters import CausalLM, load_model
+from kdcache.stages.capture import pick_device
 from kdcache.stages.dataset import Batch, CacheBatches, Prefetch
 from kdcache.stages.losses import IGNORE_INDEX, LOSSES, build_loss, chunked_loss
 from kdcache.storage.errors import ConfigError, KDCacheError
@@ -201,15 +202,9 @@ def check_student(student: CausalLM, cache: CacheReader, cfg: TrainConfig) -> No
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda: no CUDA device is available here; use --device cpu or auto"
-        )
-    if device_name == "cuda" and world > 1:
-        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    device = torch.device(device_name)
+    device = pick_device(device_name)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -312,9 +307,10 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
             logp = torch.log_softmax(z, -1)
             lab = labels[s : s + 2048]
             has = lab != IGNORE_INDEX
-            ce_sum += float(-logp[has].gather(1, lab[has, None]).sum())
+            logp_has = logp[has]
+            ce_sum += float(-logp_has.gather(1, lab[has, None]).sum())
             n_ce += float(has.sum())
-            conf, pred = logp[has].max(-1)
+            conf, pred = logp_has.max(-1)
             conf = conf.exp().double()
             b = (conf * ECE_BINS).long().clamp_(max=ECE_BINS - 1)
             bins[0].index_add_(0, b, torch.ones_like(conf))
@@ -323,9 +319,10 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
             m = kd_rows[s : s + 2048]
             ids, lp = t["topk_ids"][s : s + 2048][m], t["topk_logprobs"][s : s + 2048][m]
             p = torch.softmax(lp, -1)  # teacher top-k renormalized
-            q = torch.log_softmax(logp[m].gather(1, ids), -1)
+            logp_m = logp[m]
+            q = torch.log_softmax(logp_m.gather(1, ids), -1)
             kl_sum += float(torch.where(p > 0, p * (torch.log(p) - q), 0.0).sum())
-            agree += float((logp[m].argmax(-1) == ids[:, 0]).sum())
+            agree += float((logp_m.argmax(-1) == ids[:, 0]).sum())
             n_kd += float(m.sum())
     student.module.train()
     totals = _all_reduce_(
@@ -410,12 +407,10 @@ def run_train(cfg: TrainConfig) -> dict:
     loss_fn = build_loss(
         cfg.loss, temperature=cfg.temperature, k=cfg.k, alpha=cfg.alpha, beta=cfg.beta
     )
-    needs_tail = getattr(loss_fn, "needs_tail", False) or getattr(
-        getattr(loss_fn, "kd", None), "needs_tail", False
-    )
+    needs_tail = loss_fn.needs_tail  # Mixed carries its KD loss's
     if needs_tail and cache.k >= cache.vocab_size:
         log.info("k equals the vocabulary: the tail bucket is empty")
-    if needs_tail and cache.num_sequences:
+    if needs_tail:
         # Every capture stores log_tail (-inf when k = vocabulary); a cache written without a
         # real one (NaN) would turn the loss into NaN at the first step. Checked on a sample.
         tail = cache.block(0, min(cache.num_sequences, 64)).log_tail
