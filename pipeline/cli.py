@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from kdcache.pipeline.report_render import human_bytes
 from kdcache.storage.errors import ConfigError, KDCacheError
 from kdcache.storage.schema import CODECS
 
@@ -48,14 +49,6 @@ def _codec_error(e: dict | None) -> str:
         f"reconstruction KL mean {e['kl_mean']:.2e}, p99 {e['kl_p99']:.2e}, max {e['kl_max']:.2e} nats "
         f"over {e['rows']:,} rows"
     )
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _shard_index(value: str) -> int | str:
@@ -642,7 +635,7 @@ def inspect(cache: Path, as_json: bool) -> None:
         ("positions", f"{d['num_positions']:,} ({d['num_target_rows']:,} with targets)"),
         (
             "size on disk",
-            f"{_human_bytes(d['bytes_on_disk'])} ({d['bytes_per_position']:.1f} bytes/position, "
+            f"{human_bytes(d['bytes_on_disk'])} ({d['bytes_per_position']:.1f} bytes/position, "
             f"{d['bytes_per_entry']:.2f} bytes per top-k entry)",
         ),
         ("codec error", _codec_error(d["codec_error"])),
@@ -722,7 +715,7 @@ def convert(cache: Path, out: Path, backend: str, codec: str | None, replace: bo
 
     m = convert_cache(cache, out, backend, codec=codec, replace_out=replace)
     click.echo(
-        f"{out}: {m['totals']['positions']:,} positions, {_human_bytes(m['bytes_on_disk'])} ({backend})"
+        f"{out}: {m['totals']['positions']:,} positions, {human_bytes(m['bytes_on_disk'])} ({backend})"
     )
 
 

@@ -216,8 +216,8 @@ def write_corpus(
     settings = dict(max_files=max_files, max_bytes=max_bytes, heldout_percent=heldout_percent)
     everything = builtin_corpus("all", **settings)
     description: dict[str, Any] = {"format": "kdcache-corpus", "version": 1, "splits": {}}
+    held = heldout_sources([d.source for d in everything], heldout_percent)
     for split in ("train", "heldout"):
-        held = heldout_sources([d.source for d in everything], heldout_percent)
         docs = [d for d in everything if (split == "heldout") == (d.source in held)]
         _write_jsonl(folder / f"{split}.jsonl", docs)
         description["splits"][split] = {

@@ -83,23 +83,23 @@ class TeacherPlugin(WorkerPlugin):
         return self._session
 
 
-def _session() -> tuple[CaptureSession, TeacherPlugin]:
+def _session() -> CaptureSession:
     plugin = get_worker().plugins[PLUGIN]
     session = plugin.session()
     if plugin.torch_threads:
         torch.set_num_threads(plugin.torch_threads)  # per thread for OpenMP: set in the task
-    return session, plugin
+    return session
 
 
 def _prepare_task(replace_stale: bool) -> dict:
     """Refuse (or clear, with --replace) a cache made with other settings; runs once."""
-    session, _ = _session()
+    session = _session()
     prepare_output(session.cfg.out, session.identity, replace=replace_stale)
     return session.identity.to_dict()
 
 
 def _capture_task(shard: int):
-    session, _ = _session()
+    session = _session()
     return capture_part(session, shard)
 
 

@@ -3,8 +3,9 @@
 Every executor runs the same per-part function, ``kdcache.stages.capture.capture_part``, with
 a session (teacher + tokenizer) loaded once per process; only how parts reach processes differs:
 
-* ``run_local``: this process, the given parts in order (``kdcache cache`` runs one part; a
-  SLURM array runs one part per array task, see docs/SCALING.md).
+* ``run_local``: this process, every part in order (``kdcache cache`` without an executor
+  runs its one --shard-index through ``run_capture``; a SLURM array runs one part per array
+  task, see docs/SCALING.md).
 * ``run_dask``: a Dask cluster (a ``LocalCluster`` made here, or any running scheduler); each
   worker loads the teacher once (a worker plugin) and captures whole parts, one task per part
   (kdcache.pipeline.dask_executor).
@@ -32,8 +33,6 @@ from kdcache.storage.manifest import finalize
 from kdcache.storage.writer import prepare_output
 
 log = logging.getLogger(__name__)
-
-EXECUTORS = ("local", "dask")
 
 
 @dataclass
@@ -90,17 +89,13 @@ def absolute_paths(cfg: CaptureConfig) -> CaptureConfig:
     )
 
 
-def check_shards(cfg: CaptureConfig, shards: list[int] | None) -> list[int]:
-    """All parts by default; refuses --shard-index env and indices outside the shard count."""
+def all_shards(cfg: CaptureConfig) -> list[int]:
+    """Every part of the cache; refuses --shard-index env (an executor runs them all)."""
     if cfg.shard_index == "env":
         raise ConfigError(
             "--shard-index env picks one part per job; an executor runs every part: drop --shard-index"
         )
-    shards = list(range(cfg.num_shards)) if shards is None else list(shards)
-    bad = [s for s in shards if not 0 <= s < cfg.num_shards]
-    if bad:
-        raise ConfigError(f"parts {bad} lie outside --num-shards {cfg.num_shards}")
-    return shards
+    return list(range(cfg.num_shards))
 
 
 def finish(run: CaptureRun, t0: float) -> CaptureRun:
@@ -115,11 +110,11 @@ def finish(run: CaptureRun, t0: float) -> CaptureRun:
     return run
 
 
-def run_local(cfg: CaptureConfig, shards: list[int] | None = None) -> CaptureRun:
-    """Capture the given parts (default: all) in this process, one after the other."""
+def run_local(cfg: CaptureConfig) -> CaptureRun:
+    """Capture every part in this process, one after the other."""
     t0 = time.perf_counter()
     cfg.validate()
-    shards = check_shards(cfg, shards)
+    shards = all_shards(cfg)
     session = load_session(cfg, cfg.num_shards)
     prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)
     run = CaptureRun(out=cfg.out, executor="local", workers=1)
@@ -135,9 +130,8 @@ def run_dask(
     scheduler: object | None = None,
     workers: int | None = None,
     processes: bool = True,
-    shards: list[int] | None = None,
 ) -> CaptureRun:
-    """Capture the given parts (default: all) on a Dask cluster, one task per part.
+    """Capture every part on a Dask cluster, one task per part.
 
     scheduler: None (a LocalCluster of ``workers`` workers, 1 thread each, made and closed
     here), a scheduler address ("tcp://host:8786"), or a running cluster / Client object."""
@@ -146,7 +140,7 @@ def run_dask(
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     cfg.validate()
-    shards = check_shards(cfg, shards)
+    shards = all_shards(cfg)
     run = CaptureRun(out=cfg.out, executor="dask", workers=0)
     run_on_dask(cfg, shards, run, scheduler=scheduler, workers=workers, processes=processes)
     return finish(run, t0)

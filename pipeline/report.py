@@ -202,12 +202,13 @@ def build_report(
         or 128,
     )
 
-    def speed(spec: Path) -> tuple[dict, int | None]:
-        try:
-            model = load_model(str(spec), dev)
-        except ConfigError as e:
-            notes.append(f"{spec}: not measured ({e})")
-            return {}, None
+    def speed(spec: Path, model=None) -> tuple[dict, int | None]:
+        if model is None:
+            try:
+                model = load_model(str(spec), dev)
+            except ConfigError as e:
+                notes.append(f"{spec}: not measured ({e})")
+                return {}, None
         files = model.weight_files or [Path(spec)]
         m = measure_inference(model, settings, dev) if speed_seconds > 0 else {}
         return m, _folder_bytes(files)
@@ -220,8 +221,8 @@ def build_report(
         ev = evaluate(model, iter(eval_ds), dev, max_batches=eval_batches)
         teacher_ce = ev["ce"]
         params = sum(p.numel() for p in model.module.parameters())
-        del model  # measured afresh below, alone in memory
-        inference, nbytes = speed(Path(teacher))
+        inference, nbytes = speed(Path(teacher), model)  # memory: the rise over its weights
+        del model
         rows["teacher"] = {
             "role": "teacher",
             "student": str(teacher),

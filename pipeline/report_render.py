@@ -21,14 +21,17 @@ def _f(x, fmt: str, suffix: str = "") -> str:
     return "n/a" if x is None else format(x, fmt) + suffix
 
 
-def _bytes(n) -> str:
-    if n is None:
-        return "n/a"
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        if n < 1000:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
+    return f"{n:.1f} TB"
+
+
+def _bytes(n) -> str:
+    return "n/a" if n is None else human_bytes(n)
 
 
 def _table(header: list[str], lines: list[list[str]]) -> list[str]:
