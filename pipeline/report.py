@@ -68,23 +68,14 @@ def load_run(run: Path) -> dict:
 
 def _eval_set(cfg: dict):
     """The held-out batches ``kdcache train`` evaluated this run on, and how many it took."""
-    from kdcache.stages.dataset import CacheBatches
+    from dataclasses import fields
 
-    micro = cfg["batch_size"] // cfg.get("grad_accum", 1)
-    if cfg.get("eval_cache"):
-        ds = CacheBatches(
-            cfg["eval_cache"], batch_size=micro, seed=cfg["seed"], split="train", shuffle=False
-        )
-    else:
-        ds = CacheBatches(
-            cfg["cache"],
-            batch_size=micro,
-            seed=cfg["seed"],
-            split="eval",
-            eval_fraction=cfg["eval_fraction"],
-            shuffle=False,
-        )
-    return ds, int(cfg["eval_batches"])
+    from kdcache.stages.train import TrainConfig, heldout_batches
+
+    known = {f.name for f in fields(TrainConfig)}
+    return heldout_batches(TrainConfig(**{k: v for k, v in cfg.items() if k in known})), int(
+        cfg["eval_batches"]
+    )
 
 
 def _eval_identity(cfg: dict) -> tuple:

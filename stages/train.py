@@ -381,6 +381,16 @@ def _save_student(student: CausalLM, folder: Path) -> None:
         torch.save(student.module.state_dict(), folder / "state_dict.pt")
 
 
+def heldout_batches(cfg: TrainConfig, rank: int = 0, world: int = 1) -> CacheBatches:
+    """The held-out batches a run evaluates on, in order: the whole --eval-cache, else the
+    held-out slice of --cache (``kdcache report`` scores the teacher on the same batches)."""
+    micro = cfg.batch_size // cfg.grad_accum  # sequences per micro-batch over all ranks
+    common = dict(batch_size=micro, seed=cfg.seed, shuffle=False, rank=rank, world_size=world)
+    if cfg.eval_cache:
+        return CacheBatches(cfg.eval_cache, split="train", **common)
+    return CacheBatches(cfg.cache, split="eval", eval_fraction=cfg.eval_fraction, **common)
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """``kdcache train``: returns the final metrics (also written to RUN/metrics.json)."""
     cfg.validate()
@@ -450,28 +460,7 @@ def run_train(cfg: TrainConfig) -> dict:
         rank=rank,
         world_size=world,
     )
-    eval_ds = (
-        CacheBatches(
-            cfg.eval_cache,
-            batch_size=micro,
-            seed=cfg.seed,
-            split="train",
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-        )
-        if cfg.eval_cache
-        else CacheBatches(
-            cfg.cache,
-            batch_size=micro,
-            seed=cfg.seed,
-            split="eval",
-            eval_fraction=cfg.eval_fraction,
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-        )
-    )
+    eval_ds = heldout_batches(cfg, rank, world)
     if len(train_ds) == 0:
         raise ConfigError(
             f"--cache {cfg.cache} has no training batches of {micro} sequences; lower --batch-size"
