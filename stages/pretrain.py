@@ -12,7 +12,6 @@ evaluate on held-out text, save a teacher folder that ``kdcache cache --teacher`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from kdcache.stages.capture import pick_device
 from kdcache.stages.data import iter_documents, tokenize
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
 from kdcache.stages.tokenizer import load_tokenizer, save_tokenizer
+from kdcache.stages.train import warmup_cosine
 from kdcache.storage.errors import ConfigError
 from kdcache.storage.manifest import write_json_durable
 
@@ -102,12 +102,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     model = GPT(GPTConfig.from_size(cfg.size, tok.vocab_size, cfg.block_size)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, unit="step", desc=f"teacher {cfg.size}", disable=not cfg.progress)
     step = 0
@@ -119,7 +113,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             )
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps, 0.1)
         x, y = _windows(train, rng, cfg.batch_size, cfg.block_size)
         x, y = x.to(device), y.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -357,16 +357,18 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
 
 
+def warmup_cosine(step: int, warmup: int, steps: int, min_ratio: float) -> float:
+    """The learning-rate factor at ``step``: linear warmup to 1, then cosine down to min_ratio
+    (``kdcache train`` and ``kdcache teacher-train``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _lr_lambda(cfg: TrainConfig):
     min_ratio = (cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10) / cfg.lr
-
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    return lambda step: warmup_cosine(step, cfg.warmup, cfg.steps, min_ratio)
 
 
 def _save_student(student: CausalLM, folder: Path) -> None:
