@@ -2,6 +2,7 @@
 
     taskset -c 0 python benchmarks/train_bench.py reader     # positions/s as torch tensors, one core
     python benchmarks/train_bench.py step                    # KD step vs CE step: time and peak memory
+    python benchmarks/train_bench.py step --vocab 151936 --seq-len 4096 --size nano   # memory at V=152k
     python benchmarks/train_bench.py students                # 3 students: from the cache vs teacher online
 
 reader:   a 1,000,000-position cache (k=64, vocabulary 50,257, realistic synthetic outputs),
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from kdcache.stages.adapters import CausalLM
 from kdcache.stages.dataset import CacheBatches
-from kdcache.stages.losses import build_loss
+from kdcache.stages.losses import build_loss, loss_chunk_rows
 from kdcache.stages.models.gpt import GPT, GPTConfig
 from kdcache.stages.train import TrainConfig, batch_loss
 from kdcache.storage.manifest import CacheIdentity
@@ -105,8 +106,10 @@ def bench_reader(args) -> None:
         )
 
 
-def _step_variant(variant: str, vocab: int, seq_len: int, k: int, size: str, steps: int) -> dict:
-    """One process, one variant: median step time and peak RSS."""
+def _step_variant(
+    variant: str, vocab: int, seq_len: int, k: int, size: str, steps: int, chunk_rows: int = 0
+) -> dict:
+    """One process, one variant: median step time and peak RSS (chunk_rows 0: the default)."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "c"
@@ -115,7 +118,13 @@ def _step_variant(variant: str, vocab: int, seq_len: int, k: int, size: str, ste
         model = GPT(GPTConfig.from_size(size, vocab, seq_len))
         student = CausalLM(size, "builtin", model, vocab, seq_len, None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        cfg = TrainConfig(cache=str(cache), student=size, out=str(Path(tmp) / "run"), loss="ce")
+        cfg = TrainConfig(
+            cache=str(cache),
+            student=size,
+            out=str(Path(tmp) / "run"),
+            loss="ce",
+            chunk_rows=chunk_rows or None,
+        )
         loss_fn = build_loss("ce" if variant == "chunked_ce" else "forward_kl")
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
@@ -156,6 +165,7 @@ def bench_step(args) -> None:
                 "64",
                 args.size,
                 str(args.steps),
+                str(args.chunk_rows),
             ],
             capture_output=True,
             text=True,
@@ -163,13 +173,23 @@ def bench_step(args) -> None:
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["plain_ce"]
+    rows = args.chunk_rows or loss_chunk_rows(args.vocab)
+    logits_mb = args.seq_len * args.vocab * 4 / 2**20
     print(
-        f"step cost, student {args.size}, vocabulary {args.vocab:,}, {args.seq_len} positions, k=64:"
+        f"step cost, student {args.size}, vocabulary {args.vocab:,}, {args.seq_len} positions, k=64, "
+        f"{rows} rows per loss chunk{'' if args.chunk_rows else ' (default)'}; one float32 "
+        f"(T, V) logits tensor is {logits_mb:,.0f} MB:"
     )
     for name, r in results.items():
         print(
             f"  {name:>11}: {r['seconds'] * 1000:7.1f} ms/step, peak RSS {r['peak_rss_mb']:7.0f} MB "
             f"(after setup {r['base_rss_mb']:.0f} MB)"
+        )
+    for name in ("chunked_ce", "forward_kl"):
+        r = results[name]
+        grown = r["peak_rss_mb"] - r["base_rss_mb"]
+        print(
+            f"  {name:>11}: peak above setup {grown:,.0f} MB = {grown / logits_mb:.2f} x (T, V) logits"
         )
     kd, ce = results["forward_kl"], results["chunked_ce"]
     print(
@@ -261,8 +281,12 @@ def _train(cache: Path, size: str, vocab: int, teacher: GPT | None, steps: int) 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_variant":
-        v, vocab, seq_len, k, size, steps = sys.argv[2:8]
-        print(json.dumps(_step_variant(v, int(vocab), int(seq_len), int(k), size, int(steps))))
+        v, vocab, seq_len, k, size, steps, rows = sys.argv[2:9]
+        print(
+            json.dumps(
+                _step_variant(v, int(vocab), int(seq_len), int(k), size, int(steps), int(rows))
+            )
+        )
         return
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,6 +299,9 @@ def main() -> None:
     s.add_argument("--seq-len", type=int, default=2048)
     s.add_argument("--size", default="micro")
     s.add_argument("--steps", type=int, default=3)
+    s.add_argument(
+        "--chunk-rows", type=int, default=0, help="rows per loss chunk (0: kdcache's default)"
+    )
     m = sub.add_parser("students")
     m.add_argument("--docs", type=int, default=40)
     m.add_argument("--steps", type=int, default=100)

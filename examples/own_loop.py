@@ -22,7 +22,9 @@ from kdcache.storage.reader import CacheReader
 
 def step(model: GPT2LMHeadModel, loss_fn, batch: Batch) -> torch.Tensor:
     rows = batch.valid  # (B, T) real positions; the loss masks rows without targets
-    hidden = model.transformer(batch.input_ids, attention_mask=batch.valid.long()).last_hidden_state
+    # input_ids with the padding mask; on a --pack cache, position_ids that restart at every
+    # document instead, so the student keeps documents apart as the teacher did.
+    hidden = model.transformer(**batch.model_inputs()).last_hidden_state  # (B, T, C)
     return chunked_loss(
         loss_fn,
         hidden[rows],  # (N, C)

@@ -17,15 +17,36 @@ from kdcache.storage.errors import ConfigError, KDCacheError
 from kdcache.storage.schema import CODECS
 
 
-class _Group(click.Group):
-    """Turns a KDCacheError into one line on stderr and exit code 2 (no traceback)."""
+def _fail(message: str, code: int) -> None:
+    click.echo(f"kdcache: error: {message}", err=True)
+    sys.exit(code)
 
-    def invoke(self, ctx: click.Context):
+
+class _Group(click.Group):
+    """Every error a user can cause or fix is one line on stderr, no traceback: a KDCacheError
+    (exit 2, or 1 for damaged data), click's own usage errors (exit 2, with the command's --help
+    named), and an OSError of the file system (a read-only or full disk: exit 2)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
         try:
-            return super().invoke(ctx)
+            return super().main(*args, **kwargs)
+        except click.UsageError as e:
+            where = f"`{e.ctx.command_path} --help`" if e.ctx else "`kdcache --help`"
+            _fail(f"{e.format_message()} (see {where})", e.exit_code)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
         except KDCacheError as e:
-            click.echo(f"kdcache: error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e), e.exit_code)
+        except OSError as e:
+            if e.errno is None:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}; check the path, its permissions and free space", 2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -409,9 +430,10 @@ def cache(**opts) -> None:
 @click.option(
     "--chunk-rows",
     type=int,
-    default=2048,
-    show_default=True,
-    help="Rows of student logits alive at once in the loss (lower: less memory, same result).",
+    default=None,
+    help="Rows of student logits alive at once in the loss (lower: less memory, same result); "
+    "default: a 256 MiB budget divided by the student's vocabulary (e.g. 147 rows at 151,936 "
+    "ids, 699 at 32,000, at most 4,096).",
 )
 @click.option(
     "--block-size",
@@ -447,11 +469,16 @@ def train(**opts) -> None:
     for key in ("cache", "out", "eval_cache"):
         opts[key] = None if opts[key] is None else str(opts[key])
     m = run_train(TrainConfig(**opts))
-    ev = m["eval"] or {}
+    ev = m["eval"]
+    held_out = (
+        "no held-out evaluation (nothing was held out)"
+        if ev is None
+        else f"held-out CE {ev['ce']:.4f}, KL to teacher top-k {ev['kl_topk']:.4f}, "
+        f"top-1 agreement {ev['top1_agreement']:.3f}"
+    )
     click.echo(
-        f"{opts['out']}: {m['steps']} steps, {m['tokens']:,} tokens, {m['tokens_per_second']:,.0f} tokens/s; "
-        f"held-out CE {ev.get('ce', float('nan')):.4f}, KL to teacher top-k {ev.get('kl_topk', float('nan')):.4f}, "
-        f"top-1 agreement {ev.get('top1_agreement', float('nan')):.3f}"
+        f"{opts['out']}: {m['steps']} steps, {m['tokens']:,} tokens, "
+        f"{m['tokens_per_second']:,.0f} tokens/s; {held_out}"
     )
 
 

@@ -68,9 +68,7 @@ class CausalLM:
             return self.module.hidden_states(
                 input_ids, position_ids=position_ids, segment_ids=segment_ids
             )
-        kwargs = _hf_mask_kwargs(
-            input_ids, position_ids, segment_ids, attention_mask, self.module.dtype
-        )
+        kwargs = _hf_mask_kwargs(position_ids, segment_ids, attention_mask)
         out = self.module.base_model(input_ids=input_ids, **kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -84,9 +82,7 @@ class CausalLM:
         if self.kind == "builtin":
             return self.module(input_ids, position_ids=position_ids, segment_ids=segment_ids)
         if self.kind == "hf":
-            kwargs = _hf_mask_kwargs(
-                input_ids, position_ids, segment_ids, attention_mask, self.module.dtype
-            )
+            kwargs = _hf_mask_kwargs(position_ids, segment_ids, attention_mask)
             return self.module(input_ids=input_ids, **kwargs).logits
         kwargs = {}
         if segment_ids is not None:
@@ -94,10 +90,11 @@ class CausalLM:
         out = self.module(input_ids, **kwargs)
         return out.logits if hasattr(out, "logits") else out
 
-    def supports_packing(self) -> bool:
-        """Whether packed documents get exactly the logits they get alone (probed once)."""
+    def supports_packing(self, seq_len: int) -> bool:
+        """Whether packed documents of up to ``seq_len`` tokens get exactly the logits they get
+        alone (probed once, with a document longer than the model's sliding window, if any)."""
         if self._packing is None:
-            self._packing = _probe_packing(self)
+            self._packing = _probe_packing(self, seq_len)
         return self._packing
 
     def fingerprint(self) -> dict:
@@ -124,21 +121,32 @@ class CausalLM:
         }
 
 
-def _hf_mask_kwargs(input_ids, position_ids, segment_ids, attention_mask, dtype) -> dict:
-    kwargs = {}
+def _hf_mask_kwargs(position_ids, segment_ids, attention_mask) -> dict:
+    """Keyword arguments of a Hugging Face forward. Packed rows (segment_ids given) pass only
+    position_ids that restart at every document, and no attention mask: transformers then
+    builds the model's own mask (causal, sliding window, chunked) intersected with the
+    documents' blocks (packed-sequence detection, transformers >= 4.54). A hand-made 4-D mask
+    would replace the model's and drop its sliding window. No KV cache: it would switch that
+    detection off, and a single forward pass has no use for it."""
+    kwargs: dict = {"use_cache": False}
+    if segment_ids is not None:
+        kwargs["position_ids"] = position_ids
+        return kwargs
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if segment_ids is not None:
-        # 4-D additive mask: block-diagonal and causal (HF models that accept custom 4-D masks).
-        T = input_ids.shape[1]
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        allowed = (same & causal)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
-        kwargs["attention_mask"] = mask.masked_fill(~allowed, torch.finfo(dtype).min)
     return kwargs
+
+
+def sliding_window(module: nn.Module) -> int | None:
+    """The model's attention window in tokens, if it has one (Mistral, Qwen2, Gemma 2/3)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 @torch.inference_mode()
@@ -161,7 +169,10 @@ def _probe_head(model: CausalLM) -> bool:
 
 
 @torch.inference_mode()
-def _probe_packing(model: CausalLM) -> bool:
+def _probe_packing(model: CausalLM, seq_len: int) -> bool:
+    """Two documents packed into one row must give the logits each gives alone. The second is
+    longer than the model's sliding window (where the row has room): a mask that loses the
+    window only shows on a document longer than it."""
     if model.kind == "builtin":
         return True
     if model.kind == "factory":
@@ -170,16 +181,19 @@ def _probe_packing(model: CausalLM) -> bool:
             return False
     first = next(model.module.parameters(), None)  # a factory model may have no parameters
     device = first.device if first is not None else torch.device("cpu")
+    window = sliding_window(model.module) or 0
+    n_a = 5
+    n_b = max(2, min(seq_len - n_a, window + 7))
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, model.vocab_size, (1, 5), generator=g).to(device)
-    b = torch.randint(0, model.vocab_size, (1, 7), generator=g).to(device)
+    a = torch.randint(0, model.vocab_size, (1, n_a), generator=g).to(device)
+    b = torch.randint(0, model.vocab_size, (1, n_b), generator=g).to(device)
     packed = torch.cat([a, b], dim=1)
-    seg = torch.tensor([[0] * 5 + [1] * 7], device=device)
-    pos = torch.tensor([list(range(5)) + list(range(7))], device=device)
+    seg = torch.tensor([[0] * n_a + [1] * n_b], device=device)
+    pos = torch.tensor([list(range(n_a)) + list(range(n_b))], device=device)
     try:
-        alone = model.logits(b).float()
-        together = model.logits(packed, position_ids=pos, segment_ids=seg).float()[:, 5:]
-    except Exception as e:  # the model refuses 4-D masks or position ids
+        alone = torch.cat([model.logits(a), model.logits(b)], dim=1).float()
+        together = model.logits(packed, position_ids=pos, segment_ids=seg).float()
+    except Exception as e:  # the model refuses position ids or packed rows
         log.info("packing probe failed: %s", e)
         return False
     return bool(torch.allclose(alone, together, atol=1e-3, rtol=1e-3))

@@ -47,15 +47,14 @@ from kdcache.stages.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.errors import ConfigError, MissingPartError
 from kdcache.storage.lease import DEFAULT_LEASE_SECONDS
 from kdcache.storage.manifest import (
-    PART_RECORD,
     CacheIdentity,
     finalize,
     part_name,
     parts_dir,
-    read_json,
 )
+from kdcache.storage.paths import is_within, output_problem
 from kdcache.storage.schema import CacheSchema, Sequence
-from kdcache.storage.writer import PartWriter, prepare_output
+from kdcache.storage.writer import PartWriter, part_committed, prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +143,16 @@ class CaptureConfig:
             p.append(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not Path(self.data).exists():
             p.append(f"--data {self.data}: no such file or folder")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            p.append(f"--out {self.out} is a file; expected a cache directory")
+        if problem := output_problem(self.out, "--out"):
+            p.append(problem)
+        if Path(self.data).exists() and (
+            is_within(self.out, self.data) or is_within(self.data, self.out)
+        ):
+            p.append(
+                f"--out {self.out} and --data {self.data} are nested; expected the cache outside "
+                "the data (its files would become data, and the data's fingerprint would change "
+                "with every run): choose another --out"
+            )
         return p
 
     def validate(self) -> None:
@@ -510,12 +516,17 @@ class _WriterThread(threading.Thread):
 # -- the stage ------------------------------------------------------------------------------
 @dataclass
 class CaptureSummary:
+    """One part's capture. ``positions`` / ``sequences``: this run's teacher work (a resumed
+    run skips what was durable); ``part_positions`` / ``part_sequences``: the committed part."""
+
     out: str
     part: str
     shard_index: int
     num_shards: int
     positions: int = 0
     sequences: int = 0
+    part_positions: int = 0
+    part_sequences: int = 0
     bytes: int = 0
     seconds: float = 0.0
     skipped: bool = False
@@ -528,15 +539,20 @@ class CaptureSummary:
         return self.positions / self.seconds if self.seconds else 0.0
 
     def line(self) -> str:
+        done = "; cache finalized" if self.finalized else ""
         if self.skipped:
-            return f"{self.part}: already committed; nothing to do" + (
-                "; cache finalized" if self.finalized else ""
-            )
-        bpp = self.bytes / self.positions if self.positions else 0.0
+            return f"{self.part}: already committed; nothing to do{done}"
+        bpp = self.bytes / self.part_positions if self.part_positions else 0.0
+        resumed = (
+            f" (resumed after {self.resumed_sequences:,} durable sequences; this run "
+            f"{self.positions:,} positions)"
+            if self.resumed_sequences
+            else ""
+        )
         return (
-            f"{self.part}: {self.positions:,} positions in {self.sequences:,} sequences, "
-            f"{self.bytes / 1e6:.1f} MB ({bpp:.1f} bytes/position), {self.tokens_per_second:,.0f} tokens/s, "
-            f"{self.seconds:.1f}s" + ("; cache finalized" if self.finalized else "")
+            f"{self.part}: {self.part_positions:,} positions in {self.part_sequences:,} sequences"
+            f"{resumed}, {self.bytes / 1e6:.1f} MB ({bpp:.1f} bytes/position), "
+            f"{self.tokens_per_second:,.0f} tokens/s, {self.seconds:.1f}s{done}"
         )
 
 
@@ -557,8 +573,10 @@ def load_teacher_and_tokenizer(
             "use the teacher's own tokenizer (leave out --tokenizer)"
         )
     if cfg.k > teacher.vocab_size:
+        option = "--samples" if cfg.targets == "sampled" else "--k"  # sampled: k is the draws
         raise ConfigError(
-            f"--k {cfg.k} exceeds the teacher's vocabulary of {teacher.vocab_size:,}; use --k <= {teacher.vocab_size}"
+            f"{option} {cfg.k} exceeds the teacher's vocabulary of {teacher.vocab_size:,}; use "
+            f"{option} <= {teacher.vocab_size}"
         )
     return teacher, tok
 
@@ -599,10 +617,11 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
             f"--stride {stride} exceeds the sequence length {seq_len} (the teacher's context); "
             f"windows would skip tokens: use --stride <= {seq_len}"
         )
-    if cfg.pack and not teacher.supports_packing():
+    if cfg.pack and not teacher.supports_packing(seq_len):
         raise ConfigError(
-            f"--pack needs a teacher that resets attention at document boundaries; {cfg.teacher} does not accept "
-            "position ids with a block-diagonal mask (it gave other logits for a packed document); drop --pack"
+            f"--pack needs a teacher that keeps packed documents apart; {cfg.teacher} gave other "
+            "logits for a packed document than for the document alone (a Hugging Face model needs "
+            "transformers >= 4.54, which builds the packed mask from position ids); drop --pack"
         )
     head_precision = cfg.head_precision
     if head_precision == "auto" or device.type != "cuda":  # tf32 exists on CUDA only
@@ -659,7 +678,7 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     resolved = {**asdict(cfg), "shard_index": shard}
     name = part_name(shard)
     summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
-    if read_json(parts_dir(Path(cfg.out)) / name / PART_RECORD) is not None:
+    if part_committed(parts_dir(Path(cfg.out)) / name):
         summary.skipped = True
         return summary
     # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
@@ -668,11 +687,14 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
         for _, group in plan_sequences(cfg, session.tok, shard, num_shards, cfg.seq_len, cfg.stride)
         for b in make_batches(group, cfg.batch_tokens)
     ]
-    if not batches:
+    if not batches and num_shards == 1:
         raise ConfigError(
-            f"shard {shard} of {num_shards} got no sequence to capture from --data {cfg.data} "
-            "(too few documents for this many shards: lower --group-docs or --num-shards; or "
-            "every document is shorter than 2 tokens)"
+            f"--data {cfg.data} gave no sequence to capture: every document is shorter than 2 "
+            "tokens; expected at least one document with something to predict"
+        )
+    if not batches:  # more shards than document groups: an empty part, committed like any other
+        log.info(
+            "%s: shard %d of %d got no document; committing an empty part", name, shard, num_shards
         )
     writer = PartWriter(
         Path(cfg.out),
@@ -697,6 +719,8 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
         raise
     summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
     summary.bytes = record["bytes"]
+    summary.part_positions = record["counts"]["positions"]
+    summary.part_sequences = record["counts"]["sequences"]
     return summary
 
 

@@ -26,6 +26,7 @@ A slice of the blocks (chosen by a hash of the block index) is held out for eval
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,24 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.valid.sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor | bool]:
+        """Keyword arguments for a Hugging Face model's forward: ``input_ids`` with the padding
+        mask, or for packed rows (a ``--pack`` cache) ``position_ids`` that restart at every
+        document and no mask, so transformers (>= 4.54) keeps the documents apart with the
+        model's own mask, sliding window included, as the teacher saw them. No KV cache: it
+        would switch that packed-sequence detection off."""
+        if self.position_ids is not None:
+            return {
+                "input_ids": self.input_ids,
+                "position_ids": self.position_ids,
+                "use_cache": False,
+            }
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.valid.long(),
+            "use_cache": False,
+        }
+
     def to(self, device: torch.device | str) -> Batch:
         moved = {
             name: (
@@ -68,8 +87,23 @@ class Batch:
         return Batch(**moved)
 
 
-def collate(block: Block, *, packed: bool = False) -> Batch:
-    """Pad a block of sequences into a Batch (alignment of docs/FORMAT.md: label of row t = token t+1)."""
+def collate(block: Block, *, packed: bool | None = None) -> Batch:
+    """Pad a block of sequences into a Batch (alignment of docs/FORMAT.md: label of row t = token t+1).
+
+    packed: give ``position_ids`` and ``segment_ids`` that restart at every document, and no
+    label on a document's last row (as alone); None: exactly when a sequence of the block holds
+    several documents (a ``--pack`` cache). A student that ignores them attends across documents
+    the teacher kept apart: pass ``batch.model_inputs()`` to a Hugging Face model."""
+    multi_doc = bool((np.diff(block.doc_offsets) > 1).any())
+    if packed is None:
+        packed = multi_doc
+    elif multi_doc and not packed:
+        warnings.warn(
+            "collate(packed=False) on packed sequences (several documents per row): the student "
+            "would attend across documents the teacher kept apart; leave packed at None and pass "
+            "batch.model_inputs() (or position_ids and segment_ids) to the model",
+            stacklevel=2,
+        )
     B = block.num_sequences
     lengths = np.diff(block.seq_offsets)
     T = int(lengths.max()) if B else 0

@@ -56,22 +56,23 @@ def topk_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For float32 logits z (n, V) — overwritten in place — return
     ids (n, k) int64 in probability order, logprobs (n, k) float32 at T=1,
-    log_tail (n,) float32 = log of the mass outside the top-k (-inf when k == V),
+    log_tail (n,) float32 = log of the mass outside the top-k,
     finite (n,) bool: False for rows with NaN or inf logits.
 
-    Two passes over z: top-k, then exp-sum shifted by the row maximum (the first top-k value),
-    in place. The tail is 1 - (top-k mass), computed in float64 over the k entries and clamped,
-    so it never goes negative or NaN (-inf when the top-k hold all the mass to float32 precision).
+    Two passes over z: top-k, then the exp-sum of the *other* entries, shifted by the row
+    maximum (the first top-k value), in place. The tail is that sum itself, not 1 - (top-k
+    mass): the subtraction would lose every tail below float32's ~1e-7 relative precision
+    (a confident teacher's tail of 1e-9 would read as 0 or as noise). It is -inf only when
+    k == V or when every other entry lies more than ~103 nats below the maximum (exp underflows).
     """
     vals, ids = _topk(z, k)  # (n, k)
     m = vals[:, :1]  # (n, 1) row maximum
-    lse = m[:, 0] + torch.log(z.sub_(m).exp_().sum(dim=-1))  # (n,) NaN/inf flags a bad row
+    z.scatter_(1, ids, float("-inf"))  # the entries outside the top-k remain
+    rest = z.sub_(m).exp_().sum(dim=-1)  # (n,) tail mass / exp(m); NaN/inf flags a bad row
+    top = (vals - m).exp().sum(dim=-1)  # (n,) top-k mass / exp(m), >= 1
+    lse = m[:, 0] + torch.log(top + rest)  # (n,)
     logprobs = vals - lse[:, None]
-    if k == z.shape[-1]:
-        log_tail = torch.full_like(lse, float("-inf"))
-    else:
-        mass = torch.exp(logprobs.double()).sum(dim=-1).clamp_(max=1.0)
-        log_tail = torch.log1p(-mass).float()
+    log_tail = torch.where(rest > 0, torch.log(rest) + (m[:, 0] - lse), float("-inf"))
     return ids, logprobs, log_tail, torch.isfinite(lse)
 
 

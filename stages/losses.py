@@ -58,6 +58,7 @@ __all__ = [
     "Targets",
     "build_loss",
     "chunked_loss",
+    "loss_chunk_rows",
 ]
 
 IGNORE_INDEX = -100
@@ -575,6 +576,20 @@ def build_loss(
 
 
 HeadFn = Callable[[Tensor, Sequence[Tensor]], Tensor]
+
+# Bytes of (rows, V) float32 tensors alive at once per loss chunk: the logits, one working copy
+# and the gradient (3 x rows x V x 4). 256 MiB keeps a 151,936-id student at 4,096 positions
+# under half of one full float32 logits tensor (benchmarks/train_bench.py --memory measures it).
+LOSS_CHUNK_BYTES = 256 * 2**20
+LIVE_ROW_TENSORS = 3
+
+
+def loss_chunk_rows(vocab_size: int, budget_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Rows per loss chunk for a student of ``vocab_size`` outputs: the byte budget divided by
+    what a row costs, in [16, 4096] (fewer rows than 16 only add launches; more than 4096 gain
+    nothing on a small vocabulary)."""
+    rows = budget_bytes // (LIVE_ROW_TENSORS * 4 * max(vocab_size, 1))
+    return int(min(4096, max(16, rows)))
 
 
 def _run_chunks(

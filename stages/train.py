@@ -29,9 +29,16 @@ from tqdm.auto import tqdm
 from kdcache.stages.adapters import CausalLM, load_model
 from kdcache.stages.capture import pick_device
 from kdcache.stages.dataset import Batch, CacheBatches, Prefetch
-from kdcache.stages.losses import IGNORE_INDEX, LOSSES, build_loss, chunked_loss
+from kdcache.stages.losses import (
+    IGNORE_INDEX,
+    LOSSES,
+    build_loss,
+    chunked_loss,
+    loss_chunk_rows,
+)
 from kdcache.storage.errors import ConfigError, KDCacheError
 from kdcache.storage.manifest import read_json, write_json_durable
+from kdcache.storage.paths import is_within, output_problem
 from kdcache.storage.reader import CacheReader
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 50
     checkpoint_every: int = 200
-    chunk_rows: int = 2048  # rows of logits alive at once in the loss
+    chunk_rows: int | None = None  # rows of logits alive at once in the loss; None: by vocabulary
     device: str = "auto"
     tokenizer: str | None = None  # the student's tokenizer, if it ships none
     tokenizer_check: bool = True
@@ -95,7 +102,7 @@ class TrainConfig:
             "checkpoint_every",
             "chunk_rows",
         ):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             p.append(
@@ -109,6 +116,14 @@ class TrainConfig:
             p.append(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not Path(self.cache).exists():
             p.append(f"--cache {self.cache}: no such directory")
+        if problem := output_problem(self.out, "--out"):
+            p.append(problem)
+        for option, cache in (("--cache", self.cache), ("--eval-cache", self.eval_cache)):
+            if cache and is_within(self.out, cache):
+                p.append(
+                    f"--out {self.out} lies inside {option} {cache}; expected a run folder "
+                    "outside the cache (checkpoints would be written into it): choose another --out"
+                )
         return p
 
     def validate(self) -> None:
@@ -259,7 +274,12 @@ def batch_loss(
         )
         head = student.head_module
         return chunked_loss(
-            loss_fn, h[rows], head, chunk_size=cfg.chunk_rows, reduce_norms=reduce_norms, **targets
+            loss_fn,
+            h[rows],
+            head,
+            chunk_size=cfg.chunk_rows or loss_chunk_rows(student.vocab_size),
+            reduce_norms=reduce_norms,
+            **targets,
         )
     logits = student.logits(batch.input_ids, batch.position_ids, batch.segment_ids)[rows]
     t = Targets(**targets)
@@ -279,6 +299,7 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
     agreement, and expected calibration error (ECE: the mean |accuracy - confidence| of the
     student's top-1 over 15 confidence bins, weighted by the bins' share of rows)."""
     student.module.eval()
+    chunk = loss_chunk_rows(student.vocab_size)  # rows of (rows, V) logits alive at once
     ce_sum = kl_sum = agree = n_ce = n_kd = 0.0
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # rows, confidence, correct
     for i, batch in enumerate(batches):
@@ -301,11 +322,11 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
         labels = batch.labels[rows]
         t = _targets(batch, rows, student.vocab_size)
         kd_rows = t["mask"]
-        for s in range(0, h_or_z.shape[0], 2048):
-            z = h_or_z[s : s + 2048]
+        for s in range(0, h_or_z.shape[0], chunk):
+            z = h_or_z[s : s + chunk]
             z = (student.head(z) if student.has_head else z).float()
             logp = torch.log_softmax(z, -1)
-            lab = labels[s : s + 2048]
+            lab = labels[s : s + chunk]
             has = lab != IGNORE_INDEX
             logp_has = logp[has]
             ce_sum += float(-logp_has.gather(1, lab[has, None]).sum())
@@ -316,8 +337,8 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
             bins[0].index_add_(0, b, torch.ones_like(conf))
             bins[1].index_add_(0, b, conf)
             bins[2].index_add_(0, b, (pred == lab[has]).double())
-            m = kd_rows[s : s + 2048]
-            ids, lp = t["topk_ids"][s : s + 2048][m], t["topk_logprobs"][s : s + 2048][m]
+            m = kd_rows[s : s + chunk]
+            ids, lp = t["topk_ids"][s : s + chunk][m], t["topk_logprobs"][s : s + chunk][m]
             p = torch.softmax(lp, -1)  # teacher top-k renormalized
             logp_m = logp[m]
             q = torch.log_softmax(logp_m.gather(1, ids), -1)
@@ -466,6 +487,15 @@ def run_train(cfg: TrainConfig) -> dict:
     if len(train_ds) == 0:
         raise ConfigError(
             f"--cache {cfg.cache} has no training batches of {micro} sequences; lower --batch-size"
+        )
+    if len(eval_ds) == 0 and rank == 0 and (cfg.eval_cache or cfg.eval_fraction > 0):
+        log.warning(
+            "nothing is held out for evaluation: %s; the run reports no held-out metrics",
+            f"--eval-cache {cfg.eval_cache} gives no batch"
+            if cfg.eval_cache
+            else f"the cache's {cache.num_sequences:,} sequences make {len(train_ds)} batch(es) of "
+            f"{micro}, too few to hold out {cfg.eval_fraction:g} of them: lower --batch-size, "
+            "or pass --eval-cache",
         )
 
     opt, sched = build_optimizer(model, cfg)

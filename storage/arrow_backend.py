@@ -148,11 +148,22 @@ class ArrowReader(BackendReader):
 
     def __init__(self, part_dir: Path, schema: CacheSchema, record: dict) -> None:
         super().__init__(part_dir, schema, record)
-        self.files = record["backend_state"]["files"]
+        self.blocks = record["backend_state"].get("files")
+        if not isinstance(self.blocks, list) or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("name"), str)
+            and isinstance(f.get("batches"), list)
+            and all(isinstance(n, int) and n >= 0 for n in f["batches"])
+            for f in self.blocks
+        ):
+            raise IntegrityError(
+                f"{self.part_dir}/part.json: backend_state.files is damaged (expected a list of "
+                "block files with their record-batch sizes); run `kdcache verify`"
+            )
         self.checksums = {name: v["crc32c"] for name, v in record["files"].items()}
         # Global sequence index of each record batch's first sequence: (B+1,) int64.
         sizes = [
-            (fi, bi, n) for fi, f in enumerate(self.files) for bi, n in enumerate(f["batches"])
+            (fi, bi, n) for fi, f in enumerate(self.blocks) for bi, n in enumerate(f["batches"])
         ]
         self.batch_index = [(fi, bi) for fi, bi, _ in sizes]
         self.batch_starts = np.concatenate([[0], np.cumsum([n for _, _, n in sizes])]).astype(
@@ -168,10 +179,15 @@ class ArrowReader(BackendReader):
 
     def _check(self, fi: int) -> Path:
         """The path of file fi, its crc32c checked against part.json on first use."""
-        name = self.files[fi]["name"]
-        path = self.part_dir / name
+        name = self.blocks[fi]["name"]
+        path = self.files.check(name)  # recorded, present, unchanged since the part was opened
+        if path is None:
+            raise IntegrityError(
+                f"{self.part_dir / name}: part.json lists this block but records no checksum for "
+                "it; the part record is damaged: run `kdcache verify`"
+            )
         if fi not in self._checked:
-            found = file_crc32c(path) if path.is_file() else "missing"
+            found = file_crc32c(path)
             if found != self.checksums[name]:
                 raise IntegrityError(
                     f"{path}: crc32c {found} does not match {self.checksums[name]} in part.json; "
@@ -189,7 +205,7 @@ class ArrowReader(BackendReader):
         """(file index, batch index, target rows) of every record batch, in order; decodes only
         the small log_tail column of each batch (after the file's checksum)."""
         out = []
-        for fi, f in enumerate(self.files):
+        for fi, f in enumerate(self.blocks):
             with self._columns(fi, ("log_tail",)) as (reader, _):
                 for bi in range(len(f["batches"])):
                     out.append((fi, bi, len(self._get(reader, fi, bi).column(0).flatten())))
@@ -207,7 +223,7 @@ class ArrowReader(BackendReader):
                 tail = batch.column("log_tail").flatten().to_numpy()
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
                 raise IntegrityError(
-                    f"{self.part_dir}: cannot decode record batch {bi} of {self.files[fi]['name']}: {e}"
+                    f"{self.part_dir}: cannot decode record batch {bi} of {self.blocks[fi]['name']}: {e}"
                 ) from e
         k = self.schema.k
         return ids.reshape(-1, k), lp.reshape(-1, k), tail
@@ -232,7 +248,7 @@ class ArrowReader(BackendReader):
             return reader.get_batch(bi)
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise IntegrityError(
-                f"{self.part_dir}: cannot decode record batch {bi} of {self.files[fi]['name']}: {e}"
+                f"{self.part_dir}: cannot decode record batch {bi} of {self.blocks[fi]['name']}: {e}"
             ) from e
 
     def read(self, start: int, stop: int) -> Block:
@@ -250,7 +266,7 @@ class ArrowReader(BackendReader):
                 blocks.append(batch_to_block(batch, self.schema.k))
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
                 raise IntegrityError(
-                    f"{self.part_dir}: cannot decode record batch {bi} of {self.files[fi]['name']}: {e}"
+                    f"{self.part_dir}: cannot decode record batch {bi} of {self.blocks[fi]['name']}: {e}"
                 ) from e
         return Block.concat(blocks, self.schema)
 

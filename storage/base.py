@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from kdcache.storage.errors import ConfigError
+from kdcache.storage.integrity import PartFiles
 from kdcache.storage.schema import Block, CacheSchema
 
 
@@ -42,7 +43,10 @@ class BackendWriter(ABC):
 
 
 class BackendReader(ABC):
-    """Reads sequences [start, stop) of one committed part as a Block."""
+    """Reads sequences [start, stop) of one committed part as a Block.
+
+    Every file it reads goes through ``self.files`` (the part's recorded file table): a recorded
+    file that is missing, resized or replaced is refused, never read as other data."""
 
     name: ClassVar[str]
 
@@ -51,6 +55,7 @@ class BackendReader(ABC):
         self.schema = schema
         self.record = record
         self.num_sequences = int(record["counts"]["sequences"])
+        self.files = PartFiles(self.part_dir, record["files"])
 
     @abstractmethod
     def read(self, start: int, stop: int) -> Block: ...

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from kdcache.storage.errors import ConfigError
 from kdcache.storage.manifest import CacheIdentity, finalize
+from kdcache.storage.paths import is_within
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import CacheSchema
 from kdcache.storage.writer import PartWriter
@@ -25,8 +27,15 @@ def convert_cache(
 
     Parts keep their names and shard indices; with the same codec the result reads back
     bit-identical; another codec re-encodes (its error against the source is recorded).
-    Returns the new manifest.
+    Returns the new manifest. Each written part must hash to its source part's tokens_sha256
+    and counts before it is committed.
     """
+    if is_within(dst, src) or is_within(src, dst):
+        raise ConfigError(
+            f"convert {src} into {dst}: expected an output outside the source cache (and not "
+            "containing it), found them nested; converting reads the source while writing the "
+            "output, so write to a new folder, then move it"
+        )
     cache = CacheReader(src)
     m = cache.manifest
     identity = CacheIdentity(
@@ -50,5 +59,8 @@ def convert_cache(
         reader = cache.part(p)
         for start in range(writer.resume_sequences, reader.num_sequences, block_sequences):
             writer.add_block(reader.read(start, min(start + block_sequences, reader.num_sequences)))
-        writer.commit({"converted_from": {"backend": m["backend"], "path": str(src), "part": name}})
+        writer.commit(
+            {"converted_from": {"backend": m["backend"], "path": str(src), "part": name}},
+            expect={"counts": record["counts"], "tokens_sha256": record["tokens_sha256"]},
+        )
     return finalize(dst)

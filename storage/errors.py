@@ -1,12 +1,15 @@
 """The kdcache error family.
 
 Every user mistake raises a ``KDCacheError``: its message is one line that says what was
-expected, what was found and how to fix it. The CLI prints that line and exits with code 2.
+expected, what was found and how to fix it. The CLI prints that line and exits with the error's
+``exit_code``: 2 for what was passed, 1 for damaged data (``IntegrityError``).
 """
 
 
 class KDCacheError(ValueError):
     """Base class: a user-facing error with a one-line message."""
+
+    exit_code = 2  # the CLI's: a usage error (what was passed is wrong)
 
 
 class NotACacheError(KDCacheError):
@@ -27,6 +30,8 @@ class MissingPartError(KDCacheError):
 
 class IntegrityError(KDCacheError):
     """Stored bytes do not match their checksum, or the structure is inconsistent."""
+
+    exit_code = 1  # a verdict on the data (damage), like `kdcache verify`'s
 
 
 class CacheMismatchError(KDCacheError):

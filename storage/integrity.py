@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import crc32c as _crc32c
 
+from kdcache.storage.errors import IntegrityError
 from kdcache.storage.manifest import PART_RECORD, PROGRESS
 
 _CHUNK = 1 << 22  # 4 MiB reads
+TEMP_SUFFIXES = (".partial", ".tmp")  # zarr's and kdcache's files being written: never data
+MASS_TOLERANCE = 0.02  # float16 log-probs round each probability by up to ~0.4%
 
 
 def file_crc32c(path: Path) -> str:
@@ -26,7 +30,10 @@ def data_files(part_dir: Path) -> list[Path]:
     return sorted(
         p
         for p in Path(part_dir).rglob("*")
-        if p.is_file() and p.name not in skip and not p.name.startswith(".")
+        if p.is_file()
+        and p.name not in skip
+        and not p.name.startswith(".")
+        and not p.name.endswith(TEMP_SUFFIXES)
     )
 
 
@@ -37,6 +44,60 @@ def file_table(part_dir: Path) -> dict[str, dict]:
         p.relative_to(part_dir).as_posix(): {"bytes": p.stat().st_size, "crc32c": file_crc32c(p)}
         for p in data_files(part_dir)
     }
+
+
+class PartFiles:
+    """A committed part's recorded file table, held against its folder while a reader uses it.
+
+    Opening checks that every recorded file exists with its recorded size: zarr reads a missing
+    chunk as fill values (it cannot tell a deleted chunk from one it never wrote), so without this
+    a deleted shard would read as zeros. Every later access (``check``) compares the file's
+    identity (inode, size, modification time) with what opening saw, so a reader whose part is
+    deleted or replaced under it (``--replace``) stops instead of reading other data. A file the
+    table does not record must not exist (``None``: a chunk the writer never wrote).
+    One ``stat`` per file access; checksums are the backends' business.
+    """
+
+    def __init__(self, part_dir: Path, table: dict[str, dict]) -> None:
+        self.dir = Path(part_dir)
+        self.table = table
+        self._seen: dict[str, tuple[int, int, int]] = {}
+        for rel, want in table.items():
+            st = self._stat(rel)
+            if st.st_size != want["bytes"]:
+                raise IntegrityError(
+                    f"{self.dir / rel}: {st.st_size} bytes, part.json records {want['bytes']}; "
+                    "the part is damaged: run `kdcache verify` and recapture the part"
+                )
+            self._seen[rel] = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _stat(self, rel: str) -> os.stat_result:
+        try:
+            return os.stat(self.dir / rel)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{self.dir / rel}: missing, but part.json records it; the part was deleted, "
+                "replaced or damaged: run `kdcache verify` and recapture the part"
+            ) from None
+
+    def check(self, rel: str) -> Path | None:
+        """The path of ``rel`` if it is recorded and unchanged since the part was opened; None if
+        it is not recorded and absent; IntegrityError otherwise."""
+        path = self.dir / rel
+        if rel not in self._seen:
+            if path.exists():
+                raise IntegrityError(
+                    f"{path}: a file part.json does not record appeared while reading; the part "
+                    "is being rewritten or is damaged: run `kdcache verify`"
+                )
+            return None
+        st = self._stat(rel)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._seen[rel]:
+            raise IntegrityError(
+                f"{path}: changed while this reader had the part open (the cache was replaced or "
+                "rewritten); reopen it, and run `kdcache verify`"
+            )
+        return path
 
 
 def check_files(
@@ -76,10 +137,11 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
     """Every problem found in a finalized cache (empty when intact), each naming the part and
     file and what is wrong.
 
-    Checks: the manifest against the part records (identity, counts, bytes, tokens hash, the
-    part list); every file's size and crc32c against part.json; each array's shape against the
-    part's counts; then (decode=True) every chunk decoded (zarr checks each chunk's crc32c) and
-    the structure: offsets, counts, id ranges, target rows against the loss mask and the
+    Checks: the manifest against the part records (``manifest_problems``: identity, counts,
+    bytes, tokens hash, the part list); each record's structure; every file's size and crc32c
+    against part.json; each array's shape against the part's counts; then (decode=True) every
+    chunk decoded (zarr checks each chunk's crc32c) and the structure: offsets, counts, id
+    ranges, target rows against the loss mask, each row's probabilities summing to 1, and the
     recomputed tokens_sha256. Raises (a KDCacheError) only when root is not a cache of a
     version this kdcache reads: then nothing can be verified.
     """
@@ -87,12 +149,11 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
     from kdcache.storage.manifest import (
         MANIFEST,
         check_format,
-        identity_diff,
-        identity_of,
         load_manifest,
-        part_name,
+        manifest_problems,
         parts_dir,
         read_json,
+        record_problems,
     )
     from kdcache.storage.schema import CacheSchema
 
@@ -103,60 +164,49 @@ def verify_cache(root: Path, *, decode: bool = True) -> list[str]:
             return [f"{MANIFEST}: damaged (not valid JSON); rerun `kdcache finalize {root}`"]
         load_manifest(root)  # raises: no such directory, not a cache, not finalized
     check_format(manifest, root / MANIFEST)
-    schema = CacheSchema.from_dict(manifest["schema"])
+    try:
+        schema = CacheSchema.from_dict(manifest["schema"])
+    except (KeyError, TypeError, KDCacheError) as e:
+        return [f"{MANIFEST}: its schema is damaged ({e})"]
     problems: list[str] = []
-    listed = [p["name"] for p in manifest["parts"]]
-    expected = [part_name(i) for i in range(int(manifest["num_shards"]))]
-    if listed != expected:
-        problems.append(
-            f"{MANIFEST}: lists parts {_names(listed)}, num_shards={manifest['num_shards']} "
-            f"expects {_names(expected)}"
-        )
-    totals = {k: sum(int(p["counts"][k]) for p in manifest["parts"]) for k in manifest["totals"]}
-    if totals != manifest["totals"]:
-        problems.append(f"{MANIFEST}: totals {manifest['totals']}, its parts sum to {totals}")
-    if sum(int(p["bytes"]) for p in manifest["parts"]) != manifest["bytes_on_disk"]:
-        problems.append(f"{MANIFEST}: bytes_on_disk differs from the sum of its parts' bytes")
-    for entry in manifest["parts"]:
-        name = entry["name"]
+    records: dict[str, dict | None] = {}
+    entries = manifest.get("parts") if isinstance(manifest.get("parts"), list) else []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue  # manifest_problems names a damaged parts list
         where = f"parts/{name}"
         part_dir = parts_dir(root) / name
         if not part_dir.is_dir():
             problems.append(f"{where}: missing part (listed in {MANIFEST})")
             continue
-        record = read_json(part_dir / "part.json")
+        record = read_json(part_dir / PART_RECORD)
         if record is None:
-            what = "damaged (not valid JSON)" if (part_dir / "part.json").exists() else "missing"
-            problems.append(f"{where}/part.json: {what}; the part is not committed")
+            what = "damaged (not valid JSON)" if (part_dir / PART_RECORD).exists() else "missing"
+            problems.append(f"{where}/{PART_RECORD}: {what}; the part is not committed")
             continue
         try:
-            check_format(record, part_dir / "part.json")
+            check_format(record, part_dir / PART_RECORD)
         except KDCacheError as e:
-            problems.append(f"{where}/part.json: {e}")
+            problems.append(f"{where}/{PART_RECORD}: {e}")
             continue
-        diffs = identity_diff(identity_of(manifest), identity_of(record))
-        for key in ("counts", "bytes", "tokens_sha256"):
-            if record.get(key) != entry.get(key):
-                diffs.append(
-                    f"{key}: part.json has {record.get(key)}, manifest has {entry.get(key)}"
-                )
-        if diffs:
-            problems.append(
-                f"{where}/part.json: does not match {MANIFEST} ({'; '.join(diffs[:4])}); "
-                f"rerun `kdcache finalize` if the part is right"
-            )
+        if bad := record_problems(record):
+            problems += [f"{where}/{PART_RECORD}: damaged: {b}" for b in bad]
             continue
-        if record["bytes"] != sum(int(f["bytes"]) for f in record["files"].values()):
-            problems.append(f"{where}/part.json: bytes differs from the sum of its files' sizes")
-        file_problems = check_files(part_dir, record["files"], where=where)
+        records[name] = record
+    index_problems = manifest_problems(manifest, records)
+    problems += index_problems
+    mismatched = {p.split("/")[1] for p in index_problems if p.startswith("parts/")}
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name not in records or name in mismatched:
+            continue
+        where = f"parts/{name}"
+        file_problems = check_files(parts_dir(root) / name, records[name]["files"], where=where)
         problems += file_problems
         if not file_problems:
-            problems += _check_part(root, manifest, schema, listed.index(name), where, decode)
+            problems += _check_part(root, manifest, schema, i, where, decode)
     return problems
-
-
-def _names(names: list[str]) -> str:
-    return f"[{names[0]} .. {names[-1]}] ({len(names)})" if len(names) > 3 else str(names)
 
 
 def _check_part(
@@ -179,7 +229,7 @@ def _check_part(
         # Not CacheReader(root): it refuses a cache with a missing part, and verify goes on.
         name = manifest["parts"][index]["name"]
         part_dir = parts_dir(root) / name
-        record = read_json(part_dir / PART_RECORD)
+        record = read_json(part_dir / PART_RECORD)  # checked by verify_cache
         stored = get_backend(manifest["backend"]).reader(part_dir, schema, record)
         reader = DecodedPart(stored, schema)
         problems += _check_shapes(reader.stored, schema, where)
@@ -212,6 +262,17 @@ def _check_part(
                 if not np.array_equal(np.diff(b.row_offsets), rows):
                     problems.append(
                         f"{where}: target rows do not match the loss mask near sequence {start}"
+                    )
+            if b.num_rows:  # a row is a distribution: top-k mass + tail mass = 1
+                with np.errstate(over="ignore", invalid="ignore"):
+                    mass = np.exp(b.topk_logprobs.astype(np.float64)).sum(axis=1) + np.exp(
+                        b.log_tail.astype(np.float64)
+                    )
+                bad = np.flatnonzero(~(np.abs(mass - 1) <= MASS_TOLERANCE))
+                if bad.size:
+                    problems.append(
+                        f"{where}: {bad.size} target rows near sequence {start} hold "
+                        f"probabilities that sum to {mass[bad[0]]:.4g}, not 1 (top-k plus tail)"
                     )
             _tokens_update(h, b)
     except KDCacheError as e:

@@ -52,6 +52,18 @@ def is_lease_file(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
+def remove_leases(part_dir: Path) -> None:
+    """Delete every lease file of a committed part: a committed part has no writer, and a writer
+    killed between its commit and its release leaves its lease behind."""
+    try:
+        names = os.listdir(part_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if is_lease_file(name):
+            (Path(part_dir) / name).unlink(missing_ok=True)
+
+
 def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
 

@@ -180,17 +180,151 @@ def parts_dir(root: Path) -> Path:
 
 
 def committed_records(root: Path) -> dict[str, dict]:
-    """Every committed part record under root, by part name (format-checked)."""
+    """Every committed part record under root, by part name (format- and structure-checked)."""
     out = {}
     pdir = parts_dir(root)
     if not pdir.is_dir():
         return out
     for d in sorted(pdir.iterdir()):
-        rec = read_json(d / PART_RECORD)
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        rec = read_part_record(d / PART_RECORD)
         if rec is not None:
-            check_format(rec, d / PART_RECORD)
             out[d.name] = rec
     return out
+
+
+COUNT_KEYS = ("sequences", "positions", "rows", "docs")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def record_problems(record: dict) -> list[str]:
+    """What is missing or ill-typed in a committed part record (empty when it is sound): the
+    fields every reader relies on, so that an edited or damaged part.json is refused with one
+    line instead of a KeyError deep inside a read."""
+    p = []
+    for key, kind in (
+        ("name", str),
+        ("backend", str),
+        ("schema", dict),
+        ("fingerprints", dict),
+        ("settings", dict),
+        ("counts", dict),
+        ("files", dict),
+        ("backend_state", dict),
+        ("tokens_sha256", str),
+    ):
+        if not isinstance(record.get(key), kind):
+            p.append(f"{key}: expected a {kind.__name__}, found {_short(record.get(key))}")
+    for key in ("num_shards", "bytes", "shard_index"):
+        if not _is_count(record.get(key)):
+            p.append(f"{key}: expected a whole number >= 0, found {_short(record.get(key))}")
+    counts = record.get("counts")
+    if isinstance(counts, dict) and not all(_is_count(counts.get(k)) for k in COUNT_KEYS):
+        p.append(f"counts: expected whole numbers {list(COUNT_KEYS)}, found {_short(counts)}")
+    files = record.get("files")
+    if isinstance(files, dict):
+        bad = [
+            rel
+            for rel, f in files.items()
+            if not (
+                isinstance(f, dict)
+                and _is_count(f.get("bytes"))
+                and isinstance(f.get("crc32c"), str)
+                and len(f["crc32c"]) == 8
+            )
+        ]
+        if bad:
+            p.append(f"files: entries without a size and an 8-digit crc32c: {bad[:3]}")
+        elif _is_count(record.get("bytes")) and record["bytes"] != sum(
+            f["bytes"] for f in files.values()
+        ):
+            p.append(
+                f"bytes: {record['bytes']} differs from the sum of its files' sizes "
+                f"{sum(f['bytes'] for f in files.values())}"
+            )
+    if not p:
+        try:
+            CacheSchema.from_dict(record["schema"])
+        except KDCacheError as e:
+            p.append(f"schema: {e}")
+        except TypeError as e:
+            p.append(f"schema: {e}")
+    return p
+
+
+def read_part_record(path: Path) -> dict | None:
+    """A committed part record (None when absent or torn: the part is not committed), refused
+    when it is of another format or version, or its structure is damaged."""
+    record = read_json(path)
+    if record is None:
+        return None
+    check_format(record, path)
+    problems = record_problems(record)
+    if problems:
+        raise IntegrityError(
+            f"{path} is damaged ({'; '.join(problems[:3])}); run `kdcache verify` and recapture the part"
+        )
+    return record
+
+
+def manifest_problems(manifest: dict, records: dict[str, dict | None]) -> list[str]:
+    """Where a manifest disagrees with itself or with the part records it lists (records: by
+    part name, None for a part that is missing or not committed). Each problem names the file
+    (``manifest.json`` or ``parts/NAME/part.json``); empty when the cache's index can be trusted.
+    The reader refuses a cache with any of these; ``kdcache verify`` lists them all."""
+    p = []
+    parts = manifest.get("parts")
+    if not isinstance(parts, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("counts"), dict)
+        for e in parts
+    ):
+        return [f"{MANIFEST}: its parts list is damaged (expected name and counts per part)"]
+    if not _is_count(manifest.get("num_shards")):
+        return [f"{MANIFEST}: num_shards {_short(manifest.get('num_shards'))} is not a number"]
+    listed = [e["name"] for e in parts]
+    expected = [part_name(i) for i in range(int(manifest["num_shards"]))]
+    if listed != expected:
+        p.append(
+            f"{MANIFEST}: lists parts {_names(listed)}, num_shards={manifest['num_shards']} "
+            f"expects {_names(expected)}"
+        )
+    try:
+        totals = {k: sum(int(e["counts"][k]) for e in parts) for k in COUNT_KEYS}
+    except (KeyError, TypeError, ValueError):
+        return p + [f"{MANIFEST}: a part's counts are damaged"]
+    if totals != manifest.get("totals"):
+        p.append(f"{MANIFEST}: totals {manifest.get('totals')}, its parts sum to {totals}")
+    try:
+        if sum(int(e["bytes"]) for e in parts) != manifest.get("bytes_on_disk"):
+            p.append(f"{MANIFEST}: bytes_on_disk differs from the sum of its parts' bytes")
+    except (KeyError, TypeError, ValueError):
+        p.append(f"{MANIFEST}: a part's bytes are damaged")
+    for entry in parts:
+        record = records.get(entry["name"])
+        if record is None:
+            continue  # the caller names a missing part in its own words
+        diffs = identity_diff(identity_of(manifest), identity_of(record))
+        for key in ("counts", "bytes", "tokens_sha256"):
+            if record.get(key) != entry.get(key):
+                diffs.append(
+                    f"{key}: part.json has {record.get(key)}, manifest has {entry.get(key)}"
+                )
+        if record.get("name") != entry["name"]:
+            diffs.append(f"name: part.json has {record.get('name')!r}")
+        if diffs:
+            p.append(
+                f"{PARTS_DIR}/{entry['name']}/{PART_RECORD}: does not match {MANIFEST} "
+                f"({'; '.join(diffs[:4])}); rerun `kdcache finalize` if the part is right"
+            )
+    return p
+
+
+def _names(names: list[str]) -> str:
+    return f"[{names[0]} .. {names[-1]}] ({len(names)})" if len(names) > 3 else str(names)
 
 
 def in_progress_parts(root: Path) -> list[str]:
@@ -278,12 +412,15 @@ def finalize(root: Path) -> dict:
 
 
 def load_manifest(root: Path) -> dict:
-    """The manifest of a finalized cache, or a clear error saying what the path holds instead."""
+    """The manifest of a finalized cache (format-checked), or a clear error saying what the
+    path holds instead. Readers use ``open_index``, which also checks it against the parts."""
     root = Path(root)
     if not root.exists():
         raise NotACacheError(
             f"{root}: no such directory; expected a kdcache cache (made by `kdcache cache`)"
         )
+    if not root.is_dir():
+        raise NotACacheError(f"{root} is a file; expected a kdcache cache directory")
     manifest = read_json(root / MANIFEST)
     if manifest is None:
         if (root / MANIFEST).exists():
@@ -296,15 +433,41 @@ def load_manifest(root: Path) -> dict:
             )
         raise NotACacheError(f"{root}: not a kdcache cache (no {MANIFEST} and no committed part)")
     check_format(manifest, root / MANIFEST)
-    for p in manifest["parts"]:
-        record = parts_dir(root) / p["name"] / PART_RECORD
-        if read_json(record) is None and record.exists():
-            raise IntegrityError(
-                f"{record} is damaged (not valid JSON); recapture part {p['name']}"
-            )
-        if read_json(record) is None:
-            raise MissingPartError(
-                f"{root}: part {p['name']} is listed in the manifest but missing on disk; "
-                f"restore it, or recapture it (kdcache cache ... --shard-index {int(p['name'].split('-')[1])})"
-            )
     return manifest
+
+
+def open_index(root: Path) -> tuple[dict, list[dict]]:
+    """The manifest of a finalized cache and the record of every part it lists, in order,
+    checked against each other (``manifest_problems``): an edited or stale manifest is refused
+    before its counts or k are used. Cheap: a JSON file per part."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    parts = manifest.get("parts")
+    if not isinstance(parts, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) for e in parts
+    ):
+        raise IntegrityError(
+            f"{root}/{MANIFEST}: its parts list is damaged; rerun `kdcache finalize {root}`"
+        )
+    records: dict[str, dict | None] = {}
+    for entry in parts:
+        name = entry["name"]
+        path = parts_dir(root) / name / PART_RECORD
+        record = read_part_record(path)
+        if record is None and path.exists():
+            raise IntegrityError(f"{path} is damaged (not valid JSON); recapture part {name}")
+        if record is None:
+            index = name.rsplit("-", 1)[-1]
+            raise MissingPartError(
+                f"{root}: part {name} is listed in the manifest but missing on disk; "
+                f"restore it, or recapture it (kdcache cache ... --shard-index {int(index) if index.isdigit() else 'I'})"
+            )
+        records[name] = record
+    problems = manifest_problems(manifest, records)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IntegrityError(
+            f"{root}: the manifest does not match the parts: {problems[0]}{more}; "
+            f"run `kdcache verify {root}`"
+        )
+    return manifest, [records[e["name"]] for e in parts]

@@ -11,14 +11,14 @@ for block in cache.iter_blocks():   # storage order, one part at a time
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from kdcache.storage.base import BackendReader, get_backend
 from kdcache.storage.codecs import get_codec
-from kdcache.storage.errors import IntegrityError
-from kdcache.storage.manifest import PART_RECORD, load_manifest, parts_dir, read_json
+from kdcache.storage.manifest import open_index, parts_dir
 from kdcache.storage.schema import Block, CacheSchema, Sequence
 
 
@@ -39,15 +39,18 @@ class DecodedPart:
 
 
 class CacheReader:
-    """A finalized cache, opened read-only. Errors name what is wrong and how to fix it."""
+    """A finalized cache, opened read-only. Errors name what is wrong and how to fix it.
+
+    Opening checks the manifest against every part record (counts, k, identity); opening a part
+    checks its files against its record, and every read goes through that file table."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.manifest = load_manifest(self.root)
+        self.manifest, self.records = open_index(self.root)
         self.schema = CacheSchema.from_dict(self.manifest["schema"])
         self.backend = get_backend(self.manifest["backend"])
         self.part_names = [p["name"] for p in self.manifest["parts"]]
-        counts = [int(p["counts"]["sequences"]) for p in self.manifest["parts"]]
+        counts = [int(r["counts"]["sequences"]) for r in self.records]
         # (P+1,) global index of each part's first sequence.
         self.part_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._parts: dict[int, DecodedPart] = {}
@@ -84,13 +87,7 @@ class CacheReader:
     def part(self, index: int) -> DecodedPart:
         if index not in self._parts:
             name = self.part_names[index]
-            record = read_json(parts_dir(self.root) / name / PART_RECORD)
-            listed = self.manifest["parts"][index]
-            if record is None or record["counts"] != listed["counts"]:
-                raise IntegrityError(
-                    f"{self.root}: part {name} does not match the manifest (counts {listed['counts']}); "
-                    f"rerun `kdcache finalize {self.root}`"
-                )
+            record = self.records[index]
             stored = self.backend.reader(parts_dir(self.root) / name, self.schema, record)
             self._parts[index] = DecodedPart(stored, self.schema)
         return self._parts[index]
@@ -140,6 +137,29 @@ class CacheReader:
     def __iter__(self) -> Iterator[Sequence]:
         for block in self.iter_blocks():
             yield from block
+
+    def to_arrow(self, block_sequences: int = 256):
+        """The whole cache as a ``pyarrow.RecordBatchReader``: one row per sequence, the Arrow
+        backend's columns (docs/FORMAT.md) with the targets decoded (probability order) and the
+        log-probs as float32, whatever the backend and codec. DuckDB, Polars and pandas read it
+        as it is (DuckDB cannot scan Arrow half floats, the default storage type)::
+
+            reader = CacheReader("CACHE").to_arrow()
+            duckdb.sql("SELECT count(*), sum(len(input_ids)) FROM reader")
+        """
+        import pyarrow as pa
+
+        from kdcache.storage.arrow_backend import arrow_schema, block_to_batch
+
+        logical = replace(self.schema, codec="plain", logprob_dtype="float32")
+        schema = arrow_schema(logical)
+
+        def batches():
+            for block in self.iter_blocks(block_sequences):
+                block.topk_logprobs = block.topk_logprobs.astype(np.float32, copy=False)
+                yield block_to_batch(block, schema)
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
 
     def describe(self) -> dict:
         """What ``kdcache inspect --json`` prints."""

@@ -29,12 +29,13 @@ import numpy as np
 
 from kdcache.storage.base import get_backend
 from kdcache.storage.codecs import get_codec, reconstruction_kl
-from kdcache.storage.errors import CacheMismatchError, WriteFailedError
+from kdcache.storage.errors import CacheMismatchError, IntegrityError, WriteFailedError
 from kdcache.storage.integrity import file_table
-from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease
+from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease, lease_name, remove_leases
 from kdcache.storage.manifest import (
     MANIFEST,
     PART_RECORD,
+    PARTS_DIR,
     PROGRESS,
     CacheIdentity,
     kdcache_version,
@@ -100,8 +101,16 @@ class KLHistogram:
         }
 
 
+CACHE_ENTRIES = {MANIFEST, PARTS_DIR, "config.json"}  # what a cache folder holds (dot-files aside)
+
+
 def prepare_output(root: Path, identity: CacheIdentity, *, replace: bool) -> None:
-    """Refuse (or with replace, clear) whatever at root was made with another identity."""
+    """Refuse (or with replace, clear) whatever at root was made with another identity.
+
+    Replacing never races a writer: each stale part's lease is taken first (a live writer's
+    refuses with its owner named, and nothing is deleted), the manifest goes before any part (new
+    readers refuse at once), and each part's record before its data (it is uncommitted before a
+    byte of it disappears; a reader that has it open stops at its next read)."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CacheMismatchError(
@@ -109,21 +118,23 @@ def prepare_output(root: Path, identity: CacheIdentity, *, replace: bool) -> Non
         )
     if not root.exists():
         return
-    entries = {p.name for p in root.iterdir()}
-    if entries - {MANIFEST, "parts", "config.json", ".gitignore"}:
+    # Dot-files are not data (FORMAT.md): .DS_Store, .gitignore, finalize's temp files.
+    entries = {p.name for p in root.iterdir() if not p.name.startswith(".")}
+    if entries - CACHE_ENTRIES:
         raise CacheMismatchError(
-            f"{root} exists and is not a kdcache cache (found {sorted(entries)[:5]}); "
+            f"{root} exists and is not a kdcache cache (found {sorted(entries - CACHE_ENTRIES)[:5]}); "
             "choose an empty or new --out directory"
         )
     manifest = read_json(root / MANIFEST)
-    stale = []
+    stale_manifest = False
     if manifest is not None:
         try:
             identity.check_matches(manifest, root)
         except CacheMismatchError:
             if not replace:
                 raise
-            stale.append(root / MANIFEST)
+            stale_manifest = True
+    stale = []
     pdir = parts_dir(root)
     for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
         rec = read_json(d / PART_RECORD) or read_json(d / PROGRESS)
@@ -135,11 +146,45 @@ def prepare_output(root: Path, identity: CacheIdentity, *, replace: bool) -> Non
             if not replace:
                 raise
             stale.append(d)
-    for path in stale:
-        log.warning("replacing %s: it was made with other settings", path)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if stale and manifest is not None and (root / MANIFEST).exists():
-        (root / MANIFEST).unlink()  # the manifest named parts that are gone
+    if not stale and not stale_manifest:
+        return
+    leases: list[Lease] = []
+    try:
+        for d in stale:  # all or nothing: refuse before deleting anything
+            leases.append(Lease(d).acquire())
+        if (root / MANIFEST).exists():  # it names parts that are about to go
+            log.warning("replacing %s: it was made with other settings", root / MANIFEST)
+            (root / MANIFEST).unlink()
+        for d, lease in zip(stale, leases, strict=True):
+            log.warning("replacing %s: it was made with other settings", d)
+            _delete_part(d, lease)
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+def _delete_part(d: Path, lease: Lease) -> None:
+    """Delete a part whose lease this process holds: its record first, the lease last."""
+    (d / PART_RECORD).unlink(missing_ok=True)
+    (d / PROGRESS).unlink(missing_ok=True)
+    own = lease_name(lease.generation)
+    for p in d.iterdir():
+        if p.name != own:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    lease.release()
+    try:
+        d.rmdir()
+    except OSError:
+        pass  # a new writer's lease file arrived after ours went: the folder is its now
+
+
+def part_committed(part_dir: Path) -> bool:
+    """Whether the part is committed (its part.json parses); a committed part's leftover lease
+    files (a writer killed between its commit and its release) are removed."""
+    if read_json(Path(part_dir) / PART_RECORD) is None:
+        return False
+    remove_leases(part_dir)
+    return True
 
 
 class PartWriter:
@@ -176,7 +221,7 @@ class PartWriter:
         self._writer = None
         self.committed = False
         self.lease: Lease | None = None
-        if self._is_committed():
+        if part_committed(self.dir):
             self.committed = True
             return
         # The lease first: nothing in the folder is touched while another writer is live.
@@ -197,17 +242,34 @@ class PartWriter:
 
     def _open(self) -> None:
         progress = read_json(self.dir / PROGRESS)
-        if progress is None:  # killed before its first flush: nothing durable to keep
-            for p in self.dir.iterdir():
-                if not p.name.startswith(".lease"):  # leases, and files of writers taking one
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        state = progress["backend_state"] if progress else None
+        if progress is not None:
+            try:
+                self._resume(progress)
+                return
+            except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+                # KDCacheError and zarr's errors are ValueErrors: the durable data is gone or
+                # damaged, so the resume point cannot be trusted; the part is not committed.
+                log.warning(
+                    "%s: the interrupted run's data cannot be resumed (%s); starting the part over",
+                    self.name,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__,
+                )
+                self._writer, self._hash = None, hashlib.sha256()
+                self.counts = {"sequences": 0, "positions": 0, "rows": 0, "docs": 0}
+                self.codec_error = KLHistogram()
+        # Nothing durable to keep (killed before its first flush, or damaged): empty the folder.
+        for p in self.dir.iterdir():
+            if not p.name.startswith(".lease"):  # leases, and files of writers taking one
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self._writer = self.backend.writer(self.dir, self.schema, self.backend_options, None)
+
+    def _resume(self, progress: dict) -> None:
+        state = progress["backend_state"]
+        self.counts = {k: int(progress["counts"][k]) for k in self.counts}
         self._writer = self.backend.writer(self.dir, self.schema, self.backend_options, state)
-        if progress:
-            self.counts = dict(progress["counts"])
-            self.codec_error = KLHistogram(progress.get("codec_error"))
-            self._rehash_durable(state)
-            log.info("%s: resuming after %d durable sequences", self.name, self.counts["sequences"])
+        self.codec_error = KLHistogram(progress.get("codec_error"))
+        self._rehash_durable(state)
+        log.info("%s: resuming after %d durable sequences", self.name, self.counts["sequences"])
 
     @classmethod
     def open(
@@ -321,13 +383,25 @@ class PartWriter:
             "backend_state": state,
         }
 
-    def commit(self, extra: dict | None = None) -> dict:
-        """Flush, fsync, then write part.json last. Returns the part record."""
+    def commit(self, extra: dict | None = None, *, expect: dict | None = None) -> dict:
+        """Flush, fsync, then write part.json last. Returns the part record.
+
+        ``expect``: ``counts`` and ``tokens_sha256`` the part must have (a conversion's source
+        part); a part that differs is not committed (IntegrityError)."""
         if self.committed:
             return read_json(self.dir / PART_RECORD)
         self.flush()
         self._io(self._writer.close)
         self.lease.check()
+        if expect is not None:
+            found = {"counts": dict(self.counts), "tokens_sha256": self._hash.hexdigest()}
+            wrong = [key for key in ("counts", "tokens_sha256") if expect[key] != found[key]]
+            if wrong:
+                raise IntegrityError(
+                    f"{self.dir}: the written part's {' and '.join(wrong)} differ from the "
+                    f"source's ({found['counts']} against {expect['counts']}); it is not committed: "
+                    "the source changed or is damaged while it was read; run `kdcache verify` on it"
+                )
         record = self._record(self._writer.state(), file_table(self.dir))
         if self.codec.name != "plain":
             record["codec_error"] = self.codec_error.summary()
@@ -341,6 +415,7 @@ class PartWriter:
         (self.dir / PROGRESS).unlink(missing_ok=True)
         self.committed = True
         self.release()
+        remove_leases(self.dir)
         return record
 
     def release(self) -> None:

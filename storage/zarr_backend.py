@@ -23,14 +23,18 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore, WrapperStore
 
 from kdcache.storage.base import Backend, BackendReader, BackendWriter, register
-from kdcache.storage.errors import IntegrityError
-from kdcache.storage.integrity import file_crc32c
+from kdcache.storage.errors import IntegrityError, KDCacheError
+from kdcache.storage.integrity import PartFiles, file_crc32c
 from kdcache.storage.manifest import fsync_path
 from kdcache.storage.schema import AXIS_OF, OFFSETS_OF_AXIS, Block, CacheSchema
 
 OFFSET_ARRAYS = tuple(OFFSETS_OF_AXIS.values())  # seq_offsets, row_offsets, doc_offsets
+# Every chunk is written, all-fill ones too, so a missing shard file is always damage (zarr
+# reads a missing chunk as fill values). A runtime setting: given at every open for writing.
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 def _array_specs(schema: CacheSchema) -> dict[str, tuple[np.dtype, tuple[int, ...], str]]:
@@ -70,9 +74,12 @@ class ZarrWriter(BackendWriter):
                 self._write(name, 0, np.zeros(1, dtype=np.int64))
             self._tail = {name: (0, np.zeros((1,), np.int64)) for name in OFFSET_ARRAYS}
         else:
+            for partial in self.part_dir.rglob("*.partial"):  # zarr's temp files of a killed write
+                partial.unlink(missing_ok=True)
             self.group = zarr.open_group(self.part_dir, mode="r+", zarr_format=3)
-            self.arrays = {name: self.group[name] for name in self.specs}
+            self.arrays = {name: self.group[name].with_config(WRITE_CONFIG) for name in self.specs}
             self._tail = {}
+            self._check_durable_shards()
         for name, (dtype, inner, axis) in self.specs.items():
             if name in self._tail:
                 continue
@@ -82,6 +89,22 @@ class ZarrWriter(BackendWriter):
                 arr.resize((n, *inner))
             start = n // self.shard_rows * self.shard_rows
             self._tail[name] = (start, arr[start:n] if n > start else np.zeros((0, *inner), dtype))
+
+    def _shard_path(self, name: str, shard: int) -> Path:
+        suffix = "/0" if self.specs[name][1] else ""
+        return self.part_dir / name / "c" / f"{shard}{suffix}"
+
+    def _check_durable_shards(self) -> None:
+        """Every shard of the durable rows must exist (every chunk is written, even all-fill
+        ones): zarr would read a missing one as zeros and the resumed part would carry them."""
+        for name, (_, _, axis) in self.specs.items():
+            n = _rows(self.counts, axis)
+            for shard in range(-(-n // self.shard_rows)):
+                if not self._shard_path(name, shard).is_file():
+                    raise IntegrityError(
+                        f"{self._shard_path(name, shard)}: missing, but the part's progress "
+                        f"records {n} durable rows of {name}"
+                    )
 
     def _create(self, name: str) -> zarr.Array:
         dtype, inner, _ = self.specs[name]
@@ -102,6 +125,7 @@ class ZarrWriter(BackendWriter):
             dtype=dtype,
             compressors=[compressor, Crc32cCodec()],
             fill_value=0,
+            config=WRITE_CONFIG,
         )
 
     def _write(self, name: str, start: int, rows: np.ndarray) -> None:
@@ -110,11 +134,8 @@ class ZarrWriter(BackendWriter):
         end = start + len(rows)
         arr.resize((end, *arr.shape[1:]))
         arr[start:end] = rows
-        suffix = "/0" if arr.ndim == 2 else ""
         for shard in range(start // self.shard_rows, (end - 1) // self.shard_rows + 1):
-            path = self.part_dir / name / "c" / f"{shard}{suffix}"
-            if path.exists():  # a shard of fill values only is not written by zarr
-                fsync_path(path)
+            fsync_path(self._shard_path(name, shard))
         fsync_path(self.part_dir / name / "zarr.json")
 
     def append(self, block: Block) -> None:
@@ -143,6 +164,39 @@ class ZarrWriter(BackendWriter):
         return {"counts": dict(self.counts)}
 
 
+class CheckedStore(WrapperStore[LocalStore]):
+    """A part's store, read through its recorded file table (``PartFiles.check``): zarr returns
+    fill values for a chunk whose file is missing, so a deleted or replaced shard must be
+    refused here, before zarr sees it. Keys are paths relative to the part folder."""
+
+    def __init__(self, store: LocalStore, files: PartFiles) -> None:
+        super().__init__(store)
+        self._files = files
+
+    def _with_store(self, store: LocalStore) -> CheckedStore:
+        return type(self)(store, self._files)
+
+    async def get(self, key, prototype=None, byte_range=None):
+        if self._files.check(key) is None:
+            return None  # not recorded and absent: a chunk the writer never wrote
+        return await self._store.get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._files.check(key)
+        return await self._store.get_partial_values(prototype, key_ranges)
+
+    async def exists(self, key: str) -> bool:
+        return self._files.check(key) is not None
+
+
+def open_part_group(part_dir: Path, files: PartFiles) -> zarr.Group:
+    """The committed part's zarr group, read-only, every read checked against its file table."""
+    store = CheckedStore(LocalStore(part_dir, read_only=True), files)
+    return zarr.open_group(store=store, mode="r", zarr_format=3)
+
+
 class ZarrReader(BackendReader):
     name = "zarr"
 
@@ -150,8 +204,10 @@ class ZarrReader(BackendReader):
         super().__init__(part_dir, schema, record)
         self._check_metadata()
         try:
-            group = zarr.open_group(self.part_dir, mode="r", zarr_format=3)
+            group = open_part_group(self.part_dir, self.files)
             self.arrays = {name: group[name] for name in _array_specs(schema)}
+        except KDCacheError:
+            raise
         except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
             raise IntegrityError(
                 f"{self.part_dir}: cannot open the part's zarr group ({e}); run `kdcache verify`"
@@ -206,6 +262,8 @@ class ZarrReader(BackendReader):
 def _read_checked(arr: zarr.Array, a: int, b: int, where: Path) -> np.ndarray:
     try:
         return arr[a:b]
+    except KDCacheError:
+        raise  # a missing or replaced file, named by the store
     except Exception as e:  # zarr raises plain ValueError/RuntimeError on a bad checksum
         raise IntegrityError(
             f"{where}/{arr.basename}: rows [{a}, {b}) could not be decoded ({type(e).__name__}: {e}); "

@@ -92,6 +92,22 @@ CASES = [
         "train --cache c --student nano --out r --eval-fraction 1.5",
         "--eval-fraction must lie in [0, 1), got 1.5",
     ),
+    (
+        "train-out-is-a-file",
+        "train --cache c --student nano --out d.jsonl",
+        "--out d.jsonl is a file; expected a folder to write in",
+    ),
+    (
+        "train-out-inside-cache",
+        "train --cache c --student nano --out c/run",
+        "--out c/run lies inside --cache c",
+    ),
+    (
+        "train-steps-not-an-integer",
+        "train --cache c --student nano --out r --steps 1.5",
+        "Invalid value for '--steps': '1.5' is not a valid integer",
+    ),
+    ("unknown-option", "train --cache c --stepz 3", "No such option '--stepz'"),
     # -- storage commands
     (
         "inspect-not-a-cache",
@@ -102,9 +118,14 @@ CASES = [
     ("stats-not-a-cache", "stats c/parts", "not a kdcache cache"),
     ("verify-not-a-cache", "verify c/parts", "not a kdcache cache"),
     (
-        "convert-over-other-cache",
-        "convert c c --backend arrow",
-        "holds a cache made with other settings",
+        "convert-onto-itself",
+        "convert c c --backend arrow --replace",
+        "expected an output outside the source cache",
+    ),
+    (
+        "convert-into-the-source",
+        "convert c c/parts/x --backend arrow",
+        "expected an output outside the source cache",
     ),
     ("finalize-nothing", "finalize d.jsonl", "no committed part found"),
 ]
@@ -143,3 +164,23 @@ def test_errors_md_names_tests_that_exist():
         assert re.search(rf"^\s*def {name}\(", source, re.M), f"{path}::{name} not found"
         if path == "tests/test_errors.py" and case:
             assert case in ids, f"{path}::{name}[{case}]: no such case"
+
+
+def test_out_on_a_read_only_file_system_is_one_line_before_any_work(workdir):
+    """`--out` on a read-only mount (a tmpfs mounted read-only in a private mount namespace):
+    one line naming the folder, before a teacher or student loads (the teacher named here does
+    not exist: loading it would be another error)."""
+    ro = workdir / "ro"
+    ro.mkdir(exist_ok=True)
+    for argv in (
+        f"cache --teacher nothere:make --data d.jsonl --out {ro}/c",
+        f"train --cache c --student nothere:make --out {ro}/run",
+    ):
+        script = f"mount -t tmpfs -o ro tmpfs {ro} && exec kdcache {argv}"
+        r = subprocess.run(
+            ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, cwd=workdir
+        )
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{ro} is not writable (a read-only file system" in lines[0], lines[0]

@@ -217,14 +217,40 @@ def test_slurm_array_tasks_then_finalize_lists_missing_parts(
     assert_same_parts(out, local_cache)
 
 
-def test_group_docs_option_deals_small_datasets_over_many_shards(teacher, docs, tmp_path):
-    """120 documents in groups of 256 give shard 1 of 2 nothing: one line naming --group-docs;
-    --group-docs 32 deals them out (the groups are the unit of sharding)."""
+def test_an_empty_shard_commits_an_empty_part_that_every_command_accepts(teacher, docs, tmp_path):
+    """120 documents in groups of 256 give shard 1 of 2 nothing (a SLURM array or a Dask run
+    larger than the data): it commits an empty part, and finalize, verify, inspect, stats and
+    train take the cache; --group-docs 32 deals the documents out instead."""
     args = ["cache", "--teacher", teacher, "--data", docs, "--k", "8", "--seq-len", "64"]
-    args += ["--num-shards", "2", "--shard-index", "1", "--no-progress"]
-    r = CliRunner().invoke(cli_main, [str(a) for a in [*args, "--out", tmp_path / "a"]])
-    assert r.exit_code == 2 and "lower --group-docs or --num-shards" in r.output, r.output
-    more = ["--out", tmp_path / "b", "--group-docs", "32"]
+    args += ["--num-shards", "2", "--no-progress"]
+    out = tmp_path / "a"
+    for shard in ("1", "0"):
+        r = CliRunner().invoke(
+            cli_main, [str(a) for a in [*args, "--shard-index", shard, "--out", out]]
+        )
+        assert r.exit_code == 0, r.output
+    empty = json.loads((out / "parts/part-00001/part.json").read_text())
+    assert empty["counts"] == {"sequences": 0, "positions": 0, "rows": 0, "docs": 0}
+    for command in (["verify", out], ["inspect", out], ["stats", out, "--json"], ["finalize", out]):
+        r = CliRunner().invoke(cli_main, [str(a) for a in command])
+        assert r.exit_code == 0, (command, r.output)
+    train = [
+        "train",
+        "--cache",
+        out,
+        "--student",
+        "nano",
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "2",
+    ]
+    r = CliRunner().invoke(
+        cli_main, [str(a) for a in [*train, "--batch-size", "2", "--no-progress"]]
+    )
+    assert r.exit_code == 0, r.output
+    assert CacheReader(out).num_sequences == CacheReader(out).part(0).num_sequences > 0
+    more = ["--out", tmp_path / "b", "--group-docs", "32", "--shard-index", "1"]
     r = CliRunner().invoke(cli_main, [str(a) for a in [*args, *more]])
     assert r.exit_code == 0, r.output
     part = json.loads((tmp_path / "b" / "parts" / "part-00001" / "part.json").read_text())

@@ -85,3 +85,29 @@ def hf_teacher(tmp_path_factory, tok_dir) -> Path:
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / file, folder / file)
     return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_teacher(tmp_path_factory, tok_dir) -> Path:
+    """A random Hugging Face Mistral folder with an 8-token sliding window: documents longer
+    than the window show whether packing keeps the model's own mask."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        sliding_window=8,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("mistral-teacher")
+    transformers.MistralForCausalLM(config).eval().save_pretrained(folder)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / file, folder / file)
+    return folder

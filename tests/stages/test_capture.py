@@ -396,8 +396,11 @@ def assert_same_targets(ids, logprobs, log_tail, want: Sequence) -> None:
     np.testing.assert_allclose(log_tail, want.log_tail, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("teacher", ["gpt_teacher", "hf_teacher"])
+@pytest.mark.parametrize("teacher", ["gpt_teacher", "hf_teacher", "mistral_teacher"])
 def test_packed_document_gets_the_rows_it_gets_alone(teacher, docs_jsonl, tmp_path, request):
+    """Each packed document's rows equal its rows captured alone; for the Mistral teacher (an
+    8-token sliding window, documents of 25-190 tokens) that holds only if packing keeps the
+    model's own sliding-window mask inside each document."""
     teacher = request.getfixturevalue(teacher)
     capture(teacher, docs_jsonl, tmp_path / "alone", k=K, seq_len=128)
     capture(teacher, docs_jsonl, tmp_path / "packed", k=K, seq_len=128, pack=True)
@@ -548,7 +551,9 @@ def test_killed_capture_resumes_to_the_same_cache(tok_dir, corpus, tmp_path, spa
     _, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err
     resumed, uninterrupted = CacheReader(tmp_path / "c"), CacheReader(tmp_path / "whole")
-    done_now = int(re.search(r"([\d,]+) positions", again.stdout).group(1).replace(",", ""))
+    done_now = int(
+        re.search(r"this run ([\d,]+) positions", again.stdout).group(1).replace(",", "")
+    )
     assert 0 < done_now < uninterrupted.num_positions  # the rerun skipped the durable part
     n = uninterrupted.num_sequences
     assert resumed.num_sequences == n and resumed.num_positions == uninterrupted.num_positions
@@ -726,6 +731,15 @@ def bad_input(case: str, tmp_path: Path, teacher: Path, tok_dir: Path) -> tuple[
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "config.json").write_text("{not json at all")
         return [*args, "--teacher", tmp_path / "broken", "--tokenizer", tok_dir], None
+    if case == "documents too short to predict":
+        short = write_jsonl(tmp_path / "short.jsonl", [{"input_ids": []}, {"input_ids": []}])
+        return [*args, "--data", short, "--tokenizer", tok_dir], None
+    if case == "samples above vocabulary":
+        return [*args, "--targets", "sampled", "--samples", 10**8], None
+    if case == "out inside data":
+        (tmp_path / "corpus").mkdir()
+        write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": "x = 1\n"}] * 3)
+        return [*args, "--data", tmp_path / "corpus", "--out", tmp_path / "corpus" / "c"], None
     if case == "shard-index env without the environment":
         env = {k: v for k, v in os.environ.items() if k not in SHARD_VARS}
         return [*args, "--shard-index", "env"], env
@@ -742,7 +756,10 @@ BAD_INPUTS = {  # case: what its one-line message says
     "long document, stride 0": r"long.jsonl document 0 has \d+ tokens, more than --seq-len 128 and no stride",
     "seq-len above context": r"--seq-len 256 exceeds the teacher's context of 128",
     "stride above the default seq-len": r"--stride 200 exceeds the sequence length 128",
-    "pack with a teacher without boundary masks": r"--pack needs a teacher that resets attention",
+    "pack with a teacher without boundary masks": r"--pack needs a teacher that keeps packed documents apart",
+    "documents too short to predict": r"gave no sequence to capture: every document is shorter than 2 tokens",
+    "samples above vocabulary": r"--samples 100000000 exceeds the teacher's vocabulary of 512; use --samples <= 512",
+    "out inside data": r"--out .*corpus/c and --data .*corpus are nested",
     "NaN logits": f"NaN or inf logits for sample {sample_id('ids.jsonl', 1, 0)} ",
     "binary data file": r"blob.bin is not a UTF-8 text file",
     "teacher folder that does not load": r"teacher folder .*broken does not load as a Hugging Face",

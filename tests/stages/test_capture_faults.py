@@ -162,6 +162,12 @@ def test_disk_full_mid_part_is_one_clear_line_and_resumes(
     summary = capture(gpt_teacher, docs, out, backend=backend, **SETTINGS)  # the rerun
     assert summary.resumed_sequences == progress["counts"]["sequences"]
     assert_same_cache(out, straight)
+    # The summary counts the whole part (bytes per position of the part) and says it resumed.
+    assert summary.part_positions == CacheReader(out).num_positions > summary.positions
+    line = summary.line()
+    assert f"resumed after {summary.resumed_sequences:,} durable sequences" in line
+    bpp = summary.bytes / summary.part_positions
+    assert f"({bpp:.1f} bytes/position)" in line and f"{summary.part_positions:,} positions" in line
 
 
 def test_write_failed_error_names_the_durable_point(gpt_teacher, docs, tmp_path, monkeypatch):
@@ -187,3 +193,41 @@ def test_capture_refuses_a_part_leased_by_a_live_writer_elsewhere(gpt_teacher, d
     summary = capture(gpt_teacher, docs, tmp_path / "c", lease_wait=10, **SETTINGS)
     assert summary.finalized  # waited for the expiry, took the part over, finished it
     assert socket.gethostname()  # (this host's writer held the new lease)
+
+
+@pytest.mark.slow
+def test_replace_while_another_capture_writes_is_refused_and_loses_nothing(
+    tok_dir, corpus, tmp_path
+):
+    """A second `kdcache cache --k 4 --replace` while the first writes: refused in one line
+    naming the live writer; the first finishes a cache that verifies; afterwards --replace works."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "slow_teacher.py").write_text(SLOW_TEACHER)
+    env = {**env_with_path(tmp_path / "mods"), "SLOW_TEACHER_DELAY": "0.05"}
+    data = write_jsonl(tmp_path / "docs.jsonl", text_records(corpus["train"], 100, 120))
+    out = tmp_path / "c"
+    args = ["cache", "--teacher", "slow_teacher:make", "--tokenizer", tok_dir, "--data", data]
+    args += ["--out", out, "--batch-tokens", 256, "--flush-positions", 300, "--no-progress"]
+    first = subprocess.Popen(
+        kdcache_args(*args, "--k", K), env=env, stderr=subprocess.PIPE, text=True
+    )
+    part = out / "parts" / "part-00000"
+    deadline = time.monotonic() + 60
+    while not (part / PROGRESS).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first capture ended before the test could interfere"
+    second = subprocess.run(
+        kdcache_args(*args, "--k", 4, "--replace"), env=env, capture_output=True, text=True
+    )
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another writer holds the lease" in lines[0], second.stderr
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert CacheReader(out).k == K
+    verified = subprocess.run(kdcache_args("verify", out), capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+    again = subprocess.run(
+        kdcache_args(*args, "--k", 4, "--replace"), env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert CacheReader(out).k == 4

@@ -184,6 +184,37 @@ def test_packed_cache_restarts_positions_at_each_document(tmp_path):
     assert multi >= 4
 
 
+def test_a_users_own_loop_keeps_packed_documents_apart(tmp_path):
+    """collate() finds packed rows by itself (a user's CacheReader + collate loop), warns when
+    told they are not packed, and ``model_inputs()`` gives a Hugging Face model what keeps the
+    documents apart: each document's hidden states equal the document's alone."""
+    transformers = pytest.importorskip("transformers")
+    path = synthetic_cache(tmp_path / "c", [lengths(8, seed=8, lo=6)], pack=True)
+    block = CacheReader(path).block(0, 8)
+    batch = collate(block)  # packed=None: detected from the documents per sequence
+    assert batch.position_ids is not None
+    with pytest.warns(UserWarning, match="attend across documents"):
+        collate(block, packed=False)
+    inputs = batch.model_inputs()
+    assert "attention_mask" not in inputs and inputs["use_cache"] is False
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(
+        transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    ).eval()
+    with torch.no_grad():
+        hidden = model(**inputs).last_hidden_state  # (B, T, C)
+        docs = 0
+        for j, seq in enumerate(block):
+            bounds = [*seq.doc_starts.tolist(), len(seq.input_ids)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                alone = model(torch.tensor(seq.input_ids[a:b].astype(np.int64))[None])
+                torch.testing.assert_close(hidden[j, a:b], alone.last_hidden_state[0])
+                docs += 1
+    assert docs > len(block.sample_id)
+    plain = collate(CacheReader(synthetic_cache(tmp_path / "u", [[5, 7]])).block(0, 2))
+    assert plain.position_ids is None and plain.model_inputs()["attention_mask"].shape == (2, 7)
+
+
 def test_empty_slice_collates_to_an_empty_batch(tmp_path):
     path = synthetic_cache(tmp_path / "c", [[5]])
     ds = CacheBatches(path, batch_size=4, rank=0, world_size=2)

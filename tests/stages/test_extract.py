@@ -19,8 +19,25 @@ def test_topk_logprobs_and_tail_match_log_softmax():
     ref_lp, ref_ids = torch.topk(ref, 64, -1)
     assert torch.equal(ids, ref_ids) and finite.all()
     torch.testing.assert_close(lp.double(), ref_lp, atol=1e-5, rtol=0)
-    ref_tail = torch.log(1 - ref_lp.exp().sum(-1))
-    torch.testing.assert_close(tail.double(), ref_tail, atol=1e-5, rtol=1e-5)
+    outside = ref.scatter(1, ref_ids, float("-inf"))  # the entries outside the top-k
+    torch.testing.assert_close(tail.double(), outside.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("V, k", [(14260, 8), (151936, 64)])
+def test_a_tiny_tail_is_stored_to_float32_precision(V, k):
+    """A sharpened teacher (the top-k hold all but 1e-6 .. 1e-30 of the mass): the tail is the
+    log-sum-exp of the other entries, right to ~1e-5 nats, never -inf while k < V. Computed as
+    log(1 - sum of top-k p) in float32 it came out -inf or tens of nats off on most rows."""
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(64, V, generator=g, dtype=torch.float64)
+    z[:, :k] += torch.linspace(14, 68, 64, dtype=torch.float64)[:, None]  # 1e-6 .. 1e-30 tails
+    _, _, tail, finite = topk_from_logits(z.float().clone(), k)
+    ref = torch.log_softmax(z.float().double(), -1)  # the same float32 logits, in float64
+    top = ref.topk(k, -1).indices
+    ref_tail = ref.scatter(1, top, float("-inf")).logsumexp(-1)
+    assert finite.all() and torch.isfinite(tail).all()
+    assert ref_tail.min() < -50 and (ref_tail < -14).float().mean() > 0.75
+    torch.testing.assert_close(tail.double(), ref_tail, atol=1e-4, rtol=1e-6)
 
 
 def test_full_vocabulary_tail_is_minus_inf_and_nan_rows_flagged():
