@@ -215,10 +215,14 @@ def test_replace_while_another_capture_writes_is_refused_and_loses_nothing(
     deadline = time.monotonic() + 60
     while not (part / PROGRESS).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert first.poll() is None, "the first capture ended before the test could interfere"
-    second = subprocess.run(
-        kdcache_args(*args, "--k", 4, "--replace"), env=env, capture_output=True, text=True
-    )
+    first.send_signal(signal.SIGSTOP)  # a live writer, paused mid-part: its lease stays live
+    try:
+        assert first.poll() is None, "the first capture ended before the test could interfere"
+        second = subprocess.run(
+            kdcache_args(*args, "--k", 4, "--replace"), env=env, capture_output=True, text=True
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "another writer holds the lease" in lines[0], second.stderr
