@@ -4,16 +4,17 @@ Same teacher (the built-in GPT at ``--size``, random init: speed does not depend
 weights), same documents (the built-in corpus), same settings and the same ``--num-shards``
 parts, three ways:
 
-  (a) one process: ``run_local``, every part in order, torch on all the machine's cores;
+  (a) one process: ``run_local``, every part in order, at ``--cpu-threads`` torch threads;
   (b) Dask, end to end: ``run_dask`` making its own LocalCluster of ``--workers`` worker
-      processes, 1 thread each (what ``kdcache cache --executor dask`` does): includes starting
-      the workers and loading the teacher once per worker;
+      processes (default: cores / --cpu-threads; what ``kdcache cache --executor dask`` does),
+      each computing at the same --cpu-threads: includes starting the workers and loading the
+      teacher once per worker;
   (c) Dask on a running cluster (started before the clock, as with ``--scheduler``).
 
 Prints tokens/s of each (whole run, from start to manifest; teacher loads included) and the
 ratios (b)/(a), (c)/(a); checks that all three caches are equal part by part.
 
-    python benchmarks/dask_bench.py                        # 2 workers, mini teacher, CPU
+    python benchmarks/dask_bench.py                        # 1 thread, 1 worker per core, mini teacher
     python benchmarks/dask_bench.py --workers 4 --docs 100 --num-shards 16 --size micro
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +59,16 @@ def same_parts(a: Path, b: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=2, help="Dask workers (1 thread each).")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="Dask workers (default: cores / --cpu-threads)."
+    )
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="Torch threads of the capture, in the single process and in every worker (recorded "
+        "in the cache: the same count gives the same bits).",
+    )
     ap.add_argument("--num-shards", type=int, default=4, help="Parts (Dask tasks).")
     ap.add_argument("--docs", type=int, default=12, help="Standard-library files to capture.")
     ap.add_argument("--size", default="mini", help="Built-in GPT size of the teacher.")
@@ -70,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cores = available_cpus()  # taskset / cpuset aware
-    torch.set_num_threads(cores)
+    workers = args.workers or max(1, cores // args.cpu_threads)
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
     with tempfile.TemporaryDirectory(prefix="kdcache-dask-bench-") as tmp_name:
@@ -85,17 +94,16 @@ def main() -> None:
             num_shards=args.num_shards,
             group_docs=max(1, args.docs // args.num_shards),  # every part gets documents
             device=args.device,
+            cpu_threads=args.cpu_threads,
             progress=False,
         )
         local = run_local(cfg)
-        dask = run_dask(replace(cfg, out=str(tmp / "dask")), workers=args.workers)
+        dask = run_dask(replace(cfg, out=str(tmp / "dask")), workers=workers)
 
         from distributed import LocalCluster
 
-        threads = max(1, cores // args.workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in each worker process
         with LocalCluster(
-            n_workers=args.workers,
+            n_workers=workers,
             threads_per_worker=1,
             dashboard_address=":0",
             silence_logs=logging.ERROR,
@@ -106,13 +114,13 @@ def main() -> None:
         print(
             f"data: {local.positions:,} positions in {len(local.parts)} parts; teacher: built-in "
             f"GPT {args.size}, vocab {args.vocab}, k {args.k}, seq-len {args.seq_len}, {args.device}; "
-            f"{cores} cores, torch threads: {torch.get_num_threads()} in the single "
-            f"process, {threads} per Dask worker"
+            f"{cores} cores, {args.cpu_threads} torch thread(s) in the single process and in "
+            f"each of {workers} Dask workers"
         )
         rows = [
             ("(a) single process", local),
-            (f"(b) dask LocalCluster {args.workers}x1, end to end", dask),
-            (f"(c) dask on a running cluster {args.workers}x1", warm),
+            (f"(b) dask LocalCluster, {workers} workers, end to end", dask),
+            (f"(c) dask on a running cluster, {workers} workers", warm),
         ]
         for name, run in rows:
             print(f"{name:<45} {run.tokens_per_second:>10,.0f} tokens/s  {run.seconds:6.1f} s")

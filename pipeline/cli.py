@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -191,15 +192,17 @@ def _shard_index(value: str) -> int | str:
 @click.option(
     "--num-shards",
     type=int,
-    default=1,
-    show_default=True,
-    help="Split the documents into this many parts, one job each.",
+    default=None,
+    help="Split the documents into this many parts, one job each. Default: the cache's own count "
+    "when resuming (a rerun of one array task keeps the array's shape), else the size of a "
+    "fresh SLURM array (--array=0-15: 16) or torchrun's WORLD_SIZE with --shard-index env, else 1.",
 )
 @click.option(
     "--shard-index",
     default=None,
-    help="This job's part (default 0), or 'env' to read SLURM_ARRAY_TASK_ID/COUNT or "
-    "RANK/WORLD_SIZE. Not with --executor dask, which runs every part.",
+    help="This job's part (default 0), or 'env': SLURM_ARRAY_TASK_ID (the array index is the part "
+    "index, so `sbatch --array=5` reruns part 5) or torchrun's RANK. Not with --executor dask, "
+    "which runs every part.",
 )
 @click.option(
     "--executor",
@@ -219,8 +222,8 @@ def _shard_index(value: str) -> int | str:
     "--workers",
     type=int,
     default=None,
-    help="With --executor dask and no --scheduler: LocalCluster workers (1 thread each); "
-    "default: one per GPU, else one per CPU core, at most --num-shards.",
+    help="With --executor dask and no --scheduler: LocalCluster workers (one task at a time "
+    "each); default: one per GPU, else the cores divided by --cpu-threads, at most --num-shards.",
 )
 @click.option(
     "--lease-seconds",
@@ -261,6 +264,14 @@ def _shard_index(value: str) -> int | str:
     help="Positions per durable flush: the most teacher work a crash can cost.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--cpu-threads",
+    type=int,
+    default=None,
+    help="Torch threads on a CPU device; recorded in the cache, since BLAS rounds some matmuls "
+    "differently with another count: every part and executor (Dask workers too) uses it, so "
+    "results are bit-identical. Default: torch's (OMP_NUM_THREADS, else the cores).",
+)
 @click.option(
     "--head-precision",
     type=click.Choice(["auto", "float32", "tf32"]),
@@ -455,6 +466,13 @@ def cache(**opts) -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--replace",
+    is_flag=True,
+    default=False,
+    help="If OUT holds a run trained with other settings, delete it and start over (a matching "
+    "run is still resumed from its checkpoint); the DVC stage passes it.",
+)
+@click.option(
     "--no-progress", is_flag=True, help="No progress bar (the summary line is still printed)."
 )
 def train(**opts) -> None:
@@ -469,6 +487,8 @@ def train(**opts) -> None:
     for key in ("cache", "out", "eval_cache"):
         opts[key] = None if opts[key] is None else str(opts[key])
     m = run_train(TrainConfig(**opts))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun one line, from rank 0
     ev = m["eval"]
     held_out = (
         "no held-out evaluation (nothing was held out)"
@@ -476,8 +496,9 @@ def train(**opts) -> None:
         else f"held-out CE {ev['ce']:.4f}, KL to teacher top-k {ev['kl_topk']:.4f}, "
         f"top-1 agreement {ev['top1_agreement']:.3f}"
     )
+    resumed = f" (resumed at step {m['resumed_at_step']})" if m["resumed_at_step"] else ""
     click.echo(
-        f"{opts['out']}: {m['steps']} steps, {m['tokens']:,} tokens, "
+        f"{opts['out']}: {m['steps']} steps{resumed}, {m['tokens']:,} tokens, "
         f"{m['tokens_per_second']:,.0f} tokens/s; {held_out}"
     )
 
@@ -595,6 +616,13 @@ def demo(workdir: Path, quick: bool, no_progress: bool) -> None:
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
+    "--students",
+    default=None,
+    metavar="FILE:KEY",
+    help="Report exactly the students named by KEY in the YAML FILE (DVC's params.yaml:students), "
+    "each as RUNS/<name>: a student removed from the file leaves the report.",
+)
+@click.option(
     "--teacher",
     type=click.Path(path_type=Path),
     default=None,
@@ -621,6 +649,7 @@ def demo(workdir: Path, quick: bool, no_progress: bool) -> None:
 )
 def report(
     runs: tuple[Path, ...],
+    students: str | None,
     teacher: Path | None,
     out: Path | None,
     speed_seconds: float,
@@ -629,10 +658,14 @@ def report(
     """The distillation trade of each of RUNS (and the teacher): held-out quality and the share of
     the teacher's kept, cost to deploy (size, memory, tokens/s, latency), cost to make (capture,
     cache bytes, training time), hard-label runs next to distilled runs of the same size."""
-    from kdcache.pipeline.report import build_report
+    from kdcache.pipeline.report import build_report, selected_runs
 
     result = build_report(
-        list(runs), teacher=teacher, out=out, speed_seconds=speed_seconds, device=device
+        selected_runs(list(runs), students),
+        teacher=teacher,
+        out=out,
+        speed_seconds=speed_seconds,
+        device=device,
     )
     click.echo(result["markdown"])
 
@@ -640,11 +673,26 @@ def report(
 @main.command()
 @CACHE_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def inspect(cache: Path, as_json: bool) -> None:
+@click.option(
+    "--digest",
+    is_flag=True,
+    help="Print only the cache's content digest (sha256 of its identity, counts, token hashes and "
+    "file checksums; not of timestamps): equal for a bit-identical recapture. DVC stages depend "
+    "on it instead of the cache folder.",
+)
+def inspect(cache: Path, as_json: bool, digest: bool) -> None:
     """Describe CACHE: format, backend, k, vocabulary, counts, size, fingerprints, parts."""
     from kdcache.storage.reader import CacheReader
 
     d = CacheReader(cache).describe()
+    if digest:
+        if d["content_sha256"] is None:
+            raise ConfigError(
+                f"{cache} was finalized by an older kdcache and has no content digest; "
+                f"rerun `kdcache finalize {cache}`"
+            )
+        click.echo(d["content_sha256"])
+        return
     if as_json:
         click.echo(json.dumps(d, indent=1, sort_keys=True))
         return
@@ -670,6 +718,7 @@ def inspect(cache: Path, as_json: bool) -> None:
         ("teacher", json.dumps(d["teacher"], sort_keys=True)),
         ("tokenizer", json.dumps(d["tokenizer"], sort_keys=True)),
         ("data", json.dumps(d["data"], sort_keys=True)),
+        ("content sha256", str(d["content_sha256"])),
         ("created", f"{d['created']} by kdcache {d['kdcache_version']}"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -707,7 +756,7 @@ def verify(cache: Path, files_only: bool) -> None:
 def finalize(cache: Path) -> None:
     """Build CACHE's manifest from its committed parts (after many capture jobs).
 
-    Lists the parts still missing (not started, or in progress) if any."""
+    Lists the parts still missing if any: not started, interrupted (rerun them) or in progress."""
     from kdcache.storage.manifest import finalize as _finalize
 
     m = _finalize(cache)

@@ -25,7 +25,13 @@ from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_wo
 from distributed.scheduler import KilledWorker
 
 from kdcache.pipeline.executors import CaptureRun, available_cpus
-from kdcache.stages.capture import CaptureConfig, CaptureSession, capture_part, load_session
+from kdcache.stages.capture import (
+    CaptureConfig,
+    CaptureSession,
+    capture_part,
+    load_session,
+    use_cpu_threads,
+)
 from kdcache.storage.errors import KDCacheError
 from kdcache.storage.manifest import part_name
 from kdcache.storage.writer import prepare_output
@@ -40,15 +46,8 @@ class TeacherPlugin(WorkerPlugin):
 
     name = PLUGIN
 
-    def __init__(
-        self,
-        cfg: CaptureConfig,
-        *,
-        torch_threads: int | None = None,
-        gpu_per_worker: bool = False,
-    ) -> None:
+    def __init__(self, cfg: CaptureConfig, *, gpu_per_worker: bool = False) -> None:
         self.cfg = cfg
-        self.torch_threads = torch_threads
         self.gpu_per_worker = gpu_per_worker
         self._session: CaptureSession | None = None
         self._error: BaseException | None = None
@@ -63,8 +62,6 @@ class TeacherPlugin(WorkerPlugin):
 
         def load() -> None:
             try:
-                if self.torch_threads:
-                    torch.set_num_threads(self.torch_threads)
                 self._session = load_session(cfg, cfg.num_shards)
                 log.info("worker %s: teacher loaded on %s", worker.name, self._session.device)
             except BaseException as e:  # re-raised by every task on this worker
@@ -84,10 +81,8 @@ class TeacherPlugin(WorkerPlugin):
 
 
 def _session() -> CaptureSession:
-    plugin = get_worker().plugins[PLUGIN]
-    session = plugin.session()
-    if plugin.torch_threads:
-        torch.set_num_threads(plugin.torch_threads)  # per thread for OpenMP: set in the task
+    session = get_worker().plugins[PLUGIN].session()
+    use_cpu_threads(session.cfg.cpu_threads, session.device)  # per thread for OpenMP
     return session
 
 
@@ -110,7 +105,8 @@ def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureCo
     logging.getLogger("distributed").setLevel(level)
     if scheduler is None:
         gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
-        n = workers or min(cfg.num_shards, gpus or available_cpus())
+        # CPU: as many workers as the cores hold at the capture's torch threads each
+        n = workers or min(cfg.num_shards, gpus or max(1, available_cpus() // cfg.cpu_threads))
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
@@ -118,8 +114,7 @@ def _open_client(scheduler, workers: int | None, processes: bool, cfg: CaptureCo
             dashboard_address=":0",
             silence_logs=logging.CRITICAL,  # task errors come back to the client as one line
         )
-        threads = max(1, available_cpus() // n) if processes and not gpus else None
-        return Client(cluster), cluster, {"torch_threads": threads, "gpu_per_worker": True}
+        return Client(cluster), cluster, {"gpu_per_worker": True}
     if isinstance(scheduler, Client):
         return scheduler, None, {}
     # an address (tcp://host:8786) or a cluster object (SLURMCluster, LocalCUDACluster, ...)
@@ -137,7 +132,14 @@ def run_on_dask(
 ) -> None:
     """Capture ``shards`` on the cluster; fills ``run.parts`` (in part order) and run.workers."""
     # A task retried after its worker died waits (bounded) for the dead writer's lease to expire.
-    cfg = replace(cfg, progress=False, lease_wait=max(cfg.lease_wait, 1.5 * cfg.lease_seconds))
+    # The CPU threads are fixed here, once: every worker computes with the same (bit-identical
+    # parts on CPU; a GPU worker ignores them).
+    cfg = replace(
+        cfg,
+        progress=False,
+        lease_wait=max(cfg.lease_wait, 1.5 * cfg.lease_seconds),
+        cpu_threads=cfg.cpu_threads or torch.get_num_threads(),
+    )
     client, cluster, options = _open_client(scheduler, workers, processes, cfg)
     try:
         if cluster is None and not client.scheduler_info()["workers"]:

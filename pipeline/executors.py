@@ -27,6 +27,7 @@ from kdcache.stages.capture import (
     CaptureSummary,
     capture_part,
     load_session,
+    resolve_num_shards,
 )
 from kdcache.storage.errors import ConfigError, MissingPartError
 from kdcache.storage.manifest import finalize
@@ -89,13 +90,15 @@ def absolute_paths(cfg: CaptureConfig) -> CaptureConfig:
     )
 
 
-def all_shards(cfg: CaptureConfig) -> list[int]:
-    """Every part of the cache; refuses --shard-index env (an executor runs them all)."""
+def all_shards(cfg: CaptureConfig) -> tuple[CaptureConfig, list[int]]:
+    """The config with its part count resolved (--num-shards, else the cache's own) and every
+    part; refuses --shard-index env (an executor runs them all)."""
     if cfg.shard_index == "env":
         raise ConfigError(
             "--shard-index env picks one part per job; an executor runs every part: drop --shard-index"
         )
-    return list(range(cfg.num_shards))
+    cfg = replace(cfg, num_shards=resolve_num_shards(cfg))
+    return cfg, list(range(cfg.num_shards))
 
 
 def finish(run: CaptureRun, t0: float) -> CaptureRun:
@@ -114,7 +117,7 @@ def run_local(cfg: CaptureConfig) -> CaptureRun:
     """Capture every part in this process, one after the other."""
     t0 = time.perf_counter()
     cfg.validate()
-    shards = all_shards(cfg)
+    cfg, shards = all_shards(cfg)
     session = load_session(cfg, cfg.num_shards)
     prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)
     run = CaptureRun(out=cfg.out, executor="local", workers=1)
@@ -140,7 +143,7 @@ def run_dask(
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     cfg.validate()
-    shards = all_shards(cfg)
+    cfg, shards = all_shards(cfg)
     run = CaptureRun(out=cfg.out, executor="dask", workers=0)
     run_on_dask(cfg, shards, run, scheduler=scheduler, workers=workers, processes=processes)
     return finish(run, t0)

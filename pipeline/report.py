@@ -15,7 +15,8 @@ held-out batches (the first run's evaluation set), and the unigram baseline is f
 training cache's tokens (add-one smoothing). Hard-label runs (``--loss ce``) sit next to the
 distilled runs of the same student size, so the table shows what distillation added.
 
-Writes OUT/report.md, OUT/report.json (DVC metrics) and three PNG plots.
+Writes OUT/report.md, OUT/report.json (every figure), OUT/metrics.json (the numbers runs are
+compared by: DVC's metrics) and three PNG plots.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def build_report(
     from kdcache.pipeline.measure import SpeedSettings, measure_inference
     from kdcache.stages.adapters import load_model
     from kdcache.stages.capture import pick_device
-    from kdcache.stages.train import evaluate
+    from kdcache.stages.train import evaluate, loss_label
     from kdcache.storage.reader import CacheReader
 
     if not runs:
@@ -237,12 +238,13 @@ def build_report(
         cache = r["config"]["cache"]
         if cache not in caches:
             caches[cache] = cache_cost(cache)
-        hard = m["loss"] == "ce"
+        loss = loss_label(r["config"])
+        hard = loss == "ce"
         inference, nbytes = speed(r["path"] / "student")
         rows[name] = {
             "role": "hard labels" if hard else "distilled",
-            "student": m["student"],
-            "loss": m["loss"],
+            "student": r["config"]["student"],
+            "loss": loss,
             "params": m["params"],
             "heldout_ce": ev.get("ce"),
             "perplexity": ev.get("perplexity"),
@@ -298,7 +300,60 @@ def build_report(
         (out / "report.json").write_text(
             json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2) + "\n"
         )
+        (out / METRICS).write_text(json.dumps(metrics_of(report), indent=2) + "\n")
     return report
+
+
+METRICS = "metrics.json"  # the numbers of report.json that runs are compared by (DVC metrics)
+METRIC_FIELDS = (
+    "heldout_ce",
+    "perplexity",
+    "top1_agreement",
+    "ece",
+    "kept",
+    "params",
+    "bytes_on_disk",
+    "tokens_per_s_batch1",
+    "tokens_per_s_batched",
+    "train_seconds",
+)
+
+
+def metrics_of(report: dict) -> dict:
+    """Per model, the numbers a comparison of runs looks at (``dvc metrics show``, ``dvc exp
+    show``): no prose, no settings; report.json keeps everything."""
+    return {
+        name: {k: row[k] for k in METRIC_FIELDS if isinstance(row.get(k), int | float)}
+        for name, row in report["models"].items()
+    } | {"unigram_ce": report["baselines"]["unigram_ce"]}
+
+
+def selected_runs(folders: list[Path], students: str | None) -> list[Path]:
+    """The run folders to report: ``folders`` as given, or (``students`` = ``FILE:KEY``, e.g.
+    DVC's ``params.yaml:students``) the subfolders of each folder named by KEY's entries, in
+    their order: a student removed from the params file leaves the report, though its old run
+    folder stays on disk."""
+    if students is None:
+        return folders
+    import yaml
+
+    file, _, key = students.rpartition(":")
+    if not file or not key:
+        raise ConfigError(
+            f"--students expects FILE:KEY (e.g. params.yaml:students), got {students!r}"
+        )
+    try:
+        entries = yaml.safe_load(Path(file).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--students {students}: cannot read {file} ({e})") from None
+    for part in key.split("."):
+        entries = entries.get(part) if isinstance(entries, dict) else None
+    if not isinstance(entries, dict | list) or not entries:
+        raise ConfigError(
+            f"--students {students}: expected a mapping or list of student names at {key!r} "
+            f"in {file}, found {type(entries).__name__}"
+        )
+    return [folder / str(name) for folder in folders for name in entries]
 
 
 def _names(paths: list[Path]) -> list[str]:

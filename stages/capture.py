@@ -51,6 +51,7 @@ from kdcache.storage.manifest import (
     finalize,
     part_name,
     parts_dir,
+    recorded_num_shards,
 )
 from kdcache.storage.paths import is_within, output_problem
 from kdcache.storage.schema import CacheSchema, Sequence
@@ -82,14 +83,17 @@ class CaptureConfig:
     codec: str = "plain"  # plain | sorted-q8 | sorted-q10 | sorted-q12 (kdcache.storage.codecs)
     targets: str = "topk"  # topk: the k most likely ids; sampled: k draws per row (unbiased)
     proposal_temperature: float = 1.0  # sampled: draw at this temperature, store IS weights
-    num_shards: int = 1
-    shard_index: int | str = 0  # or "env": SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE
+    num_shards: int | None = None  # None: the cache's own when resuming, else the array's, else 1
+    shard_index: int | str = 0  # or "env": SLURM_ARRAY_TASK_ID, or RANK (torchrun)
     batch_tokens: int = 16384  # padded tokens per teacher batch
     group_docs: int = 256  # documents per batching group (the unit of sharding)
     flush_positions: int = 65536  # positions per durable flush (the most work a crash loses)
     device: str = "auto"
     chunk_rows: int | None = None  # positions per float32 head + top-k chunk; None: by device
     head_precision: str = "auto"  # float32 | tf32 (CUDA tensor cores) | auto: tf32 on CUDA
+    # torch threads on a CPU device, recorded: BLAS rounds small matmuls differently with
+    # another thread count, so every part (and every executor) uses one. None: torch's default.
+    cpu_threads: int | None = None
     replace: bool = False
     progress: bool = True
     lease_seconds: float = DEFAULT_LEASE_SECONDS  # a killed writer's part is free after this
@@ -122,15 +126,17 @@ class CaptureConfig:
             p.append(f"--backend must be 'zarr' or 'arrow', got {self.backend!r}")
         if self.logprob_dtype not in ("float16", "float32"):
             p.append(f"--logprob-dtype must be float16 or float32, got {self.logprob_dtype!r}")
-        if self.num_shards < 1:
+        if self.num_shards is not None and self.num_shards < 1:
             p.append(f"--num-shards must be >= 1, got {self.num_shards}")
-        if isinstance(self.shard_index, int) and not 0 <= self.shard_index < max(
-            self.num_shards, 1
+        if (
+            isinstance(self.shard_index, int)
+            and self.num_shards
+            and not (0 <= self.shard_index < self.num_shards)
         ):
             p.append(f"--shard-index must lie in [0, {self.num_shards}), got {self.shard_index}")
         if isinstance(self.shard_index, str) and self.shard_index != "env":
             p.append(f"--shard-index must be an integer or 'env', got {self.shard_index!r}")
-        for name in ("batch_tokens", "group_docs", "flush_positions", "chunk_rows"):
+        for name in ("batch_tokens", "group_docs", "flush_positions", "chunk_rows", "cpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lease_seconds > 0:
@@ -172,35 +178,70 @@ class CaptureConfig:
             "targets_on",
             "add_eos",
         )
-        keys += ("logprob_dtype", "batch_tokens", "group_docs", "head_precision")
+        keys += ("logprob_dtype", "batch_tokens", "group_docs", "head_precision", "cpu_threads")
         return {key: getattr(self, key) for key in keys}
 
 
+def resolve_num_shards(cfg: CaptureConfig, from_env: int | None = None) -> int | None:
+    """How many parts the cache has: --num-shards if given; else the cache being resumed (so a
+    rerun of one SLURM array task, whose environment describes a one-task array, resumes its
+    part of the original array); else ``from_env`` (a fresh array's or torchrun's size); else
+    1 outside --shard-index env, None (unknown) inside it.
+    With --replace the cache at --out is being replaced: its count does not carry over."""
+    if cfg.num_shards is not None:
+        return cfg.num_shards
+    recorded = None if cfg.replace else recorded_num_shards(Path(cfg.out))
+    return recorded or from_env or (None if cfg.shard_index == "env" else 1)
+
+
 def resolve_shard(cfg: CaptureConfig) -> tuple[int, int]:
-    """(shard_index, num_shards), from the environment only when asked (--shard-index env)."""
-    if cfg.shard_index != "env":
-        return int(cfg.shard_index), cfg.num_shards
+    """(shard_index, num_shards). --shard-index env takes the index from the environment:
+    SLURM_ARRAY_TASK_ID (the array index is the part index: --array=0-15 for 16 parts; a rerun
+    --array=5 resumes part 5) or RANK (torchrun). The count never comes from a rerun's array
+    shape (``resolve_num_shards``): a fresh array's is SLURM_ARRAY_TASK_MAX + 1."""
     env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        # --array=MIN-MAX:STEP numbers its tasks MIN, MIN+STEP, ...: shard (ID - MIN) // STEP
-        index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // int(
-            env.get("SLURM_ARRAY_TASK_STEP", 1)
-        )
-        count, source = int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM_ARRAY_TASK_ID/COUNT"
+    if cfg.shard_index != "env":
+        index, source, size = int(cfg.shard_index), "--shard-index", None
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        index, source = int(env["SLURM_ARRAY_TASK_ID"]), "SLURM_ARRAY_TASK_ID"
+        # A fresh array --array=0-15 is 16 parts; --array=5 (a rerun) says nothing of the count.
+        fresh = env.get("SLURM_ARRAY_TASK_MIN", "0") == "0" and "SLURM_ARRAY_TASK_MAX" in env
+        size = int(env["SLURM_ARRAY_TASK_MAX"]) + 1 if fresh else None
     elif "RANK" in env and "WORLD_SIZE" in env:
-        index, count, source = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE"
+        index, source, size = int(env["RANK"]), "RANK", int(env["WORLD_SIZE"])
     else:
         raise ConfigError(
-            "--shard-index env: expected SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (a SLURM array) "
-            "or RANK and WORLD_SIZE (torchrun) in the environment, found neither; pass --shard-index I"
+            "--shard-index env: expected SLURM_ARRAY_TASK_ID (a SLURM array) or RANK and "
+            "WORLD_SIZE (torchrun) in the environment, found neither; pass --shard-index I"
         )
-    if cfg.num_shards not in (1, count):
+    count = resolve_num_shards(cfg, size)
+    if count is None:
         raise ConfigError(
-            f"--num-shards {cfg.num_shards} disagrees with {source} (count {count}); drop --num-shards"
+            f"{source} {index}: how many parts? the array does not start at 0 and {cfg.out} holds "
+            "no cache to resume; pass --num-shards N (the array index is the part index)"
         )
     if not 0 <= index < count:
-        raise ConfigError(f"{source} gives shard {index} of {count}; expected 0 <= index < count")
+        how = (
+            f"the array index is the part index: submit --array=0-{count - 1}, or pass --num-shards"
+            if source == "SLURM_ARRAY_TASK_ID"
+            else "pass --num-shards, or a smaller --shard-index"
+        )
+        raise ConfigError(
+            f"{source} {index} names part {index}, but the cache has {count} part"
+            f"{'s' if count != 1 else ''} (0 to {count - 1}); {how}"
+        )
     return index, count
+
+
+def use_cpu_threads(threads: int | None, device: torch.device) -> int | None:
+    """Set (and return) the torch threads of a CPU capture: ``threads``, or torch's current
+    count. None on CUDA: the GPU's results do not depend on the host's threads. Called in every
+    thread that runs the teacher (OpenMP's count is per thread)."""
+    if device.type != "cpu":
+        return None
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_device(name: str) -> torch.device:
@@ -632,6 +673,7 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         stride=stride,
         num_shards=num_shards,
         head_precision=head_precision,
+        cpu_threads=use_cpu_threads(cfg.cpu_threads, device),
     )
     settings = resolved_cfg.stored_settings()
     data_fp = {

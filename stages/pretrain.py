@@ -6,7 +6,8 @@ evaluate on held-out text, save a teacher folder that ``kdcache cache --teacher`
 
     OUT/model.pt            the checkpoint (config inside)
     OUT/tokenizer.json      the tokenizer it was trained with (+ tokenizer_config.json)
-    OUT/metrics.json        held-out cross-entropy, parameters, tokens, time
+    OUT/metrics.json        held-out cross-entropy, parameters, tokens, time (numbers only)
+    OUT/config.json         the resolved config it was trained with
 """
 
 from __future__ import annotations
@@ -131,8 +132,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out / "model.pt")
     save_tokenizer(tok, out)
-    metrics = {
-        "size": cfg.size,
+    metrics = {  # numbers only: what `dvc metrics show` / `dvc exp show` compare
         "params": model.num_parameters(non_embedding=False),
         "steps": step,
         "tokens": step * cfg.batch_size * cfg.block_size,
@@ -142,7 +142,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         "heldout_ce": heldout_ce(model, heldout, cfg.block_size, device)
         if heldout is not None
         else None,
-        "config": asdict(cfg),
     }
+    write_json_durable(out / "config.json", {"config": asdict(cfg)})
     write_json_durable(out / "metrics.json", metrics)
     return metrics

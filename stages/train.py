@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from kdcache.stages.losses import (
     chunked_loss,
     loss_chunk_rows,
 )
-from kdcache.storage.errors import ConfigError, KDCacheError
-from kdcache.storage.manifest import read_json, write_json_durable
+from kdcache.storage.errors import CacheMismatchError, ConfigError
+from kdcache.storage.manifest import identity_diff, read_json, write_json_durable
 from kdcache.storage.paths import is_within, output_problem
 from kdcache.storage.reader import CacheReader
 
@@ -80,6 +81,7 @@ class TrainConfig:
     tokenizer: str | None = None  # the student's tokenizer, if it ships none
     tokenizer_check: bool = True
     block_size: int | None = None  # context of a built-in student (default: longest sequence)
+    replace: bool = False  # a run folder made with other settings: start it over
     progress: bool = True
 
     def problems(self) -> list[str]:
@@ -133,7 +135,15 @@ class TrainConfig:
     def identity(self) -> dict:
         """What must match for a rerun to resume a run directory (how often it evaluates or
         checkpoints, and where it runs, may change)."""
-        free = ("progress", "device", "out", "eval_every", "eval_batches", "checkpoint_every")
+        free = (
+            "progress",
+            "device",
+            "out",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "replace",
+        )
         return {k: v for k, v in asdict(self).items() if k not in free}
 
 
@@ -503,13 +513,8 @@ def run_train(cfg: TrainConfig) -> dict:
     step, epoch, consumed, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
     loss_sum, last_eval = float("nan"), None
     ckpt_path = out / CHECKPOINT
-    saved = read_json(out / "config.json")
-    if saved is not None and saved.get("identity") != cfg.identity():
-        raise KDCacheError(
-            f"{out} holds a run with other settings; choose another --out or delete it"
-        )
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    state = resumable_state(out, cfg, device, rank)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -531,6 +536,7 @@ def run_train(cfg: TrainConfig) -> dict:
             _truncate_log(out / "steps.tsv", step)
             _truncate_log(out / "eval.tsv", step)
     params = sum(p.numel() for p in model.parameters())
+    resumed_at = step
     reduce = _all_reduce_ if world > 1 else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -593,6 +599,7 @@ def run_train(cfg: TrainConfig) -> dict:
                     )
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
+                "identity": cfg.identity(),  # what a rerun must match to resume this state
                 "step": step,
                 "epoch": epoch,
                 "consumed": consumed,
@@ -613,22 +620,58 @@ def run_train(cfg: TrainConfig) -> dict:
             torch.save(state, tmp)
             os.replace(tmp, ckpt_path)
     bar.close()
-    metrics = {
-        "student": cfg.student,
-        "loss": cfg.loss if cfg.alpha is None else f"{cfg.alpha}*{cfg.loss}+{1 - cfg.alpha:g}*ce",
+    metrics = {  # numbers only (DVC metrics); what was trained is in config.json
         "params": params,
         "steps": step,
+        "resumed_at_step": resumed_at,
         "train_loss": loss_sum,
         "tokens": tokens_seen,
         "train_seconds": round(train_seconds, 3),
         "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
         "eval": last_eval,
-        "cache": str(cfg.cache),
     }
     if rank == 0:
         _save_student(student, out / "student")
         write_json_durable(out / "metrics.json", metrics)
     return metrics
+
+
+RUN_FILES = ("config.json", "steps.tsv", "eval.tsv", "metrics.json", CHECKPOINT, "student")
+
+
+def resumable_state(out: Path, cfg: TrainConfig, device: torch.device, rank: int) -> dict | None:
+    """The checkpoint a rerun continues from, or None to start fresh.
+
+    The checkpoint records the settings it was trained with (``TrainConfig.identity``): a run
+    folder made with other settings is refused (naming them), or with --replace emptied and
+    started over. The checkpoint itself is the authority, not config.json, which DVC deletes
+    before a rerun while it keeps the (``persist``) checkpoint."""
+    ckpt = out / CHECKPOINT
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
+    if state is not None:
+        found = state.get("identity")
+    else:
+        found = (read_json(out / "config.json") or {}).get("identity")
+    if found is None or found == cfg.identity():
+        return state
+    if not cfg.replace:
+        diffs = identity_diff(cfg.identity(), found)
+        raise CacheMismatchError(
+            f"{out} holds a run made with other settings ({'; '.join(diffs[:4])}); pass "
+            "--replace to start it over, or choose another --out"
+        )
+    if rank == 0:
+        log.warning("replacing %s: it was trained with other settings", out)
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return None
+
+
+def loss_label(config: dict) -> str:
+    """How a run's loss reads in reports: ``soft_ce``, or ``0.7*soft_ce+0.3*ce`` with --alpha."""
+    alpha = config.get("alpha")
+    return config["loss"] if alpha is None else f"{alpha}*{config['loss']}+{1 - alpha:g}*ce"
 
 
 def _check_same_tokens(cache: CacheReader, eval_cache: CacheReader, cfg: TrainConfig) -> None:

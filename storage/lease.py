@@ -64,6 +64,20 @@ def remove_leases(part_dir: Path) -> None:
             (Path(part_dir) / name).unlink(missing_ok=True)
 
 
+def live_lease(part_dir: Path) -> dict | None:
+    """The record of the live lease on a part (a writer at work), or None: no lease, or its
+    writer is gone (expired, or its process no longer exists on this host)."""
+    probe = Lease(part_dir)
+    gens = probe._generations()
+    record = probe._read(gens[-1]) if gens else None
+    if record is None or float(record.get("expires_at", 0)) <= time.time():
+        return None
+    o = record.get("owner") or {}
+    if o.get("host") == probe.owner["host"] and isinstance(o.get("pid"), int):
+        return record if _pid_alive(o["pid"]) else None
+    return record
+
+
 def _iso(t: float) -> str:
     return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds")
 

@@ -18,6 +18,7 @@ after all of them) writes manifest.json.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -168,6 +169,12 @@ class CacheIdentity:
 
     def check_matches(self, found: dict, where: Path) -> None:
         diffs = identity_diff(self.to_dict(), identity_of(found))
+        if diffs == [d for d in diffs if d.startswith("num_shards:")] and diffs:
+            raise CacheMismatchError(
+                f"{where} holds a cache of {found.get('num_shards')} parts, this run has "
+                f"{self.num_shards}; leave out --num-shards (or pass --num-shards "
+                f"{found.get('num_shards')}) to resume it, or pass --replace to start it over"
+            )
         if diffs:
             raise CacheMismatchError(
                 f"{where} holds a cache made with other settings ({'; '.join(diffs[:4])}"
@@ -320,6 +327,10 @@ def manifest_problems(manifest: dict, records: dict[str, dict | None]) -> list[s
                 f"{PARTS_DIR}/{entry['name']}/{PART_RECORD}: does not match {MANIFEST} "
                 f"({'; '.join(diffs[:4])}); rerun `kdcache finalize` if the part is right"
             )
+    found = [records.get(e["name"]) for e in parts]
+    if "content_sha256" in manifest and found and None not in found and not p:
+        if manifest["content_sha256"] != content_digest(found[0], found):
+            p.append(f"{MANIFEST}: content_sha256 differs from its parts' records")
     return p
 
 
@@ -327,11 +338,46 @@ def _names(names: list[str]) -> str:
     return f"[{names[0]} .. {names[-1]}] ({len(names)})" if len(names) > 3 else str(names)
 
 
-def in_progress_parts(root: Path) -> list[str]:
-    pdir = parts_dir(root)
-    if not pdir.is_dir():
-        return []
-    return [d.name for d in sorted(pdir.iterdir()) if d.is_dir() and not (d / PART_RECORD).exists()]
+def recorded_num_shards(root: Path) -> int | None:
+    """The number of parts the cache at root was made with: from its manifest, a part record or
+    a part in progress; None for a folder that holds none of them (a new cache)."""
+    root = Path(root)
+    candidates = [root / MANIFEST]
+    if parts_dir(root).is_dir():
+        for d in sorted(parts_dir(root).iterdir()):
+            candidates += [d / PART_RECORD, d / PROGRESS]
+    for path in candidates:
+        record = read_json(path)
+        if record is not None and _is_count(record.get("num_shards")) and record["num_shards"]:
+            return int(record["num_shards"])
+    return None
+
+
+def missing_parts(root: Path, records: dict[str, dict], num_shards: int) -> str | None:
+    """What is missing before a cache of ``num_shards`` parts can be finalized, in one line (None
+    when every part is committed): each missing part in progress (its live writer named),
+    interrupted (its writer is gone: rerun that shard) or not started."""
+    from kdcache.storage.lease import Lease, live_lease
+
+    missing = [i for i in range(num_shards) if part_name(i) not in records]
+    if not missing:
+        return None
+
+    def state(i: int) -> str:
+        d = parts_dir(root) / part_name(i)
+        if not d.is_dir():
+            return "not started"
+        lease = live_lease(d)
+        if lease is not None:
+            return f"in progress: {Lease.describe(lease)}"
+        return f"interrupted: rerun shard {i}"
+
+    detail = ", ".join(f"{part_name(i)} ({state(i)})" for i in missing[:10])
+    return (
+        f"{root}: {len(missing)} of {num_shards} parts not committed yet: {detail}"
+        f"{', ...' if len(missing) > 10 else ''}; run the missing shards (kdcache cache "
+        "--shard-index I, or sbatch --array=I), then `kdcache finalize` again"
+    )
 
 
 def finalize(root: Path) -> dict:
@@ -361,17 +407,8 @@ def finalize(root: Path) -> dict:
             )
     num_shards = int(first["num_shards"])
     expected = [part_name(i) for i in range(num_shards)]
-    missing = [n for n in expected if n not in records]
-    if missing:
-        running = set(in_progress_parts(root))
-        detail = ", ".join(
-            f"{n} ({'in progress' if n in running else 'not started'})" for n in missing[:10]
-        )
-        raise MissingPartError(
-            f"{root}: {len(missing)} of {num_shards} parts not committed yet: {detail}"
-            f"{', ...' if len(missing) > 10 else ''}; run the missing shards (kdcache cache --shard-index I), "
-            "then `kdcache finalize` again"
-        )
+    if problem := missing_parts(root, records, num_shards):
+        raise MissingPartError(problem)
     extra = sorted(set(records) - set(expected))
     if extra:
         raise CacheMismatchError(
@@ -395,6 +432,7 @@ def finalize(root: Path) -> dict:
             totals[key] += int(rec["counts"][key])
     manifest_bytes = sum(p["bytes"] for p in parts)
     manifest = {
+        "content_sha256": content_digest(first, [records[n] for n in expected]),
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "kind": "manifest",
@@ -409,6 +447,21 @@ def finalize(root: Path) -> dict:
     }
     write_json_durable(root / MANIFEST, manifest)
     return manifest
+
+
+def content_digest(first: dict, records: list[dict]) -> str:
+    """sha256 of what the cache holds, and nothing of when or how fast it was written: the
+    identity (schema, fingerprints, settings, backend, parts) and each part's counts, token
+    hash and file table (sizes and crc32c of every data file). A bit-identical recapture has
+    the same digest, though its records' timestamps and timings differ (DVC stages depend on
+    it, not on the folder)."""
+    payload = {
+        "identity": identity_of(first),
+        "parts": [
+            {k: rec[k] for k in ("name", "counts", "tokens_sha256", "files")} for rec in records
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def load_manifest(root: Path) -> dict:
@@ -427,7 +480,11 @@ def load_manifest(root: Path) -> dict:
             raise NotACacheError(
                 f"{root}/{MANIFEST} is damaged (not valid JSON); rerun `kdcache finalize {root}`"
             )
-        if committed_records(root):
+        records = committed_records(root)
+        if records:
+            num_shards = int(next(iter(records.values()))["num_shards"])
+            if problem := missing_parts(root, records, num_shards):
+                raise MissingPartError(problem)
             raise NotFinalizedError(
                 f"{root}: parts are committed but the cache is not finalized; run `kdcache finalize {root}`"
             )

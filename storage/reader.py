@@ -184,13 +184,14 @@ class CacheReader:
             "bytes_per_position": nbytes / self.num_positions if self.num_positions else 0.0,
             "bytes_per_entry": nbytes / (self.num_rows * self.k) if self.num_rows else 0.0,
             "codec_error": _merge_codec_error(m["parts"]),
+            "content_sha256": m.get("content_sha256"),
             "teacher": m["fingerprints"].get("teacher"),
             "tokenizer": m["fingerprints"].get("tokenizer"),
             "data": m["fingerprints"].get("data"),
             "settings": m["settings"],
             "parts": m["parts"],
-            "kdcache_version": m["kdcache_version"],
-            "created": m["created"],
+            "kdcache_version": m.get("kdcache_version"),
+            "created": m.get("created"),
         }
 
 

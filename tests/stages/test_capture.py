@@ -598,38 +598,37 @@ SHARD_VARS = (
     "SLURM_ARRAY_TASK_ID",
     "SLURM_ARRAY_TASK_COUNT",
     "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
     "SLURM_ARRAY_TASK_STEP",
     "RANK",
     "WORLD_SIZE",
 )
 
 
-def env_shard(monkeypatch, env: dict, **settings) -> tuple[int, int]:
+def slurm_array(task: int, lo: int, hi: int) -> dict:
+    """The variables SLURM sets in task ``task`` of --array=lo-hi."""
+    return {
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_MIN": str(lo),
+        "SLURM_ARRAY_TASK_MAX": str(hi),
+        "SLURM_ARRAY_TASK_COUNT": str(hi - lo + 1),
+        "SLURM_ARRAY_TASK_STEP": "1",
+    }
+
+
+def env_shard(monkeypatch, env: dict, out: str = "o", **settings) -> tuple[int, int]:
     for name in SHARD_VARS:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    cfg = CaptureConfig(teacher="t", data="d", out="o", shard_index="env", **settings)
+    cfg = CaptureConfig(teacher="t", data="d", out=str(out), shard_index="env", **settings)
     return resolve_shard(cfg)
 
 
 @pytest.mark.parametrize(
     "env, expected",
     [
-        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}, (3, 4)),
-        (  # --array=10-13
-            {
-                "SLURM_ARRAY_TASK_ID": "12",
-                "SLURM_ARRAY_TASK_COUNT": "4",
-                "SLURM_ARRAY_TASK_MIN": "10",
-            },
-            (2, 4),
-        ),
-        (  # --array=0-6:2
-            {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0"}
-            | {"SLURM_ARRAY_TASK_STEP": "2"},
-            (2, 4),
-        ),
+        (slurm_array(3, 0, 3), (3, 4)),  # --array=0-3: the array index is the part index
         ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2)),
     ],
 )
@@ -638,15 +637,27 @@ def test_shard_index_env_reads_slurm_or_torchrun(monkeypatch, env, expected):
     assert env_shard(monkeypatch, env, num_shards=expected[1]) == expected
 
 
+def test_a_one_task_slurm_rerun_takes_the_count_from_the_cache(monkeypatch, tmp_path):
+    """`sbatch --array=5` (SLURM then says MIN = MAX = 5, COUNT = 1) on a 16-part cache resumes
+    part 5 of 16; never shard 0 of 1."""
+    out = tmp_path / "c" / "parts" / "part-00002"
+    out.mkdir(parents=True)
+    (out / "progress.json").write_text(json.dumps({"num_shards": 16, "format": "kdcache"}))
+    assert env_shard(monkeypatch, slurm_array(5, 5, 5), out=tmp_path / "c") == (5, 16)
+    assert env_shard(monkeypatch, slurm_array(5, 5, 5), num_shards=16) == (5, 16)
+    with pytest.raises(ConfigError, match="how many parts.*pass --num-shards"):
+        env_shard(monkeypatch, slurm_array(5, 5, 5))  # nothing to resume, no count given
+
+
 def test_shard_index_env_errors(monkeypatch):
     with pytest.raises(
         ConfigError, match="SLURM_ARRAY_TASK_ID.*RANK and WORLD_SIZE.*found neither"
     ):
         env_shard(monkeypatch, {})
-    with pytest.raises(ConfigError, match="--num-shards 3 disagrees with RANK/WORLD_SIZE"):
-        env_shard(monkeypatch, {"RANK": "0", "WORLD_SIZE": "2"}, num_shards=3)
-    with pytest.raises(ConfigError, match="gives shard 2 of 2"):
+    with pytest.raises(ConfigError, match="RANK 2 names part 2, but the cache has 2 parts"):
         env_shard(monkeypatch, {"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="submit --array=0-3"):
+        env_shard(monkeypatch, slurm_array(4, 0, 4), num_shards=4)
     monkeypatch.setenv("RANK", "1")  # an explicit index ignores the environment
     cfg = CaptureConfig(teacher="t", data="d", out="o", shard_index=0, num_shards=3)
     assert resolve_shard(cfg) == (0, 3)

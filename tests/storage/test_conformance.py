@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,15 +331,24 @@ def test_missing_part_and_not_finalized(tmp_path):
         w.add_block(synthetic_block(np.random.default_rng(shard), [3, 4], schema))
         if shard == 0:
             w.commit()
+    # Not "run kdcache finalize" (which would refuse): the missing part, and what it is doing.
+    with pytest.raises(MissingPartError, match=r"part-00001 \(in progress: host .* pid"):
+        CacheReader(tmp_path)
+    with pytest.raises(MissingPartError, match=r"part-00001 \(in progress: host"):
+        finalize(tmp_path)
+    w.release()  # its writer stops (as a killed one would): the part is interrupted
+    with pytest.raises(MissingPartError, match=r"part-00001 \(interrupted: rerun shard 1\)"):
+        finalize(tmp_path)
+    shutil.rmtree(tmp_path / "parts/part-00001")
+    with pytest.raises(MissingPartError, match=r"part-00001 \(not started\)"):
+        finalize(tmp_path)
+    w = PartWriter.open(tmp_path, ident, shard_index=1)
+    w.add_block(synthetic_block(np.random.default_rng(1), [3, 4], schema))
+    w.commit()
     with pytest.raises(NotFinalizedError, match="kdcache finalize"):
         CacheReader(tmp_path)
-    with pytest.raises(MissingPartError, match=r"part-00001 \(in progress\)"):
-        finalize(tmp_path)
-    PartWriter.open(tmp_path, ident, shard_index=1).commit()
     finalize(tmp_path)
     assert CacheReader(tmp_path).num_sequences == 4
-    import shutil
-
     shutil.rmtree(tmp_path / "parts/part-00001")
     with pytest.raises(MissingPartError, match="part-00001 is listed in the manifest but missing"):
         CacheReader(tmp_path)
