@@ -30,17 +30,17 @@ from pathlib import Path
 import torch
 
 from kdcache.pipeline.corpus import builtin_corpus
-from kdcache.stages.capture import (
-    CaptureConfig,
-    load_teacher_and_tokenizer,
-    make_batches,
-    pick_device,
-    plan_sequences,
-    run_capture,
-    teacher_rows,
-)
+from kdcache.pipeline.executors import run_capture
+from kdcache.stages.capture import CaptureConfig, load_teacher_and_tokenizer
+from kdcache.stages.capture.plan import make_batches, plan_sequences
+from kdcache.stages.capture.run import teacher_rows
+from kdcache.stages.models.devices import pick_device
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import (
+    make_tokenizer_info,
+    save_tokenizer,
+    train_builtin_tokenizer,
+)
 
 
 def build_inputs(tmp: Path, args) -> tuple[str, Path]:

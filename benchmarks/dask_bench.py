@@ -30,10 +30,15 @@ from pathlib import Path
 import torch
 
 from kdcache.pipeline.corpus import builtin_corpus
-from kdcache.pipeline.executors import available_cpus, run_dask, run_local
+from kdcache.pipeline.executors import run_dask, run_local
+from kdcache.pipeline.executors.base import available_cpus
 from kdcache.stages.capture import CaptureConfig
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import (
+    make_tokenizer_info,
+    save_tokenizer,
+    train_builtin_tokenizer,
+)
 from kdcache.storage.reader import CacheReader
 
 

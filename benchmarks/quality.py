@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.pipeline.demo import prepare
+from kdcache.pipeline.executors import run_capture
+from kdcache.pipeline.pretrain import PretrainConfig, run_pretrain
 from kdcache.pipeline.report import cache_cost
-from kdcache.stages.adapters import load_model
-from kdcache.stages.capture import CaptureConfig, run_capture
-from kdcache.stages.dataset import CacheBatches
-from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+from kdcache.stages.capture import CaptureConfig
+from kdcache.stages.models.adapters import load_model
 from kdcache.stages.train import TrainConfig, build_optimizer, evaluate, load_student, run_train
+from kdcache.stages.train.dataset import CacheBatches
 from kdcache.storage.reader import CacheReader
 
 

@@ -24,7 +24,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from kdcache.storage.integrity import data_files
+from kdcache.storage.checksums import data_files
 from kdcache.storage.manifest import CacheIdentity, finalize
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import AXIS_OF, Block, CacheSchema

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.stages.adapters import CausalLM
-from kdcache.stages.dataset import CacheBatches
-from kdcache.stages.losses import build_loss, loss_chunk_rows
+from kdcache.stages.models.adapters import BuiltinLM
 from kdcache.stages.models.gpt import GPT, GPTConfig
 from kdcache.stages.train import TrainConfig, batch_loss
+from kdcache.stages.train.dataset import CacheBatches
+from kdcache.stages.train.losses import build_loss, loss_chunk_rows
 from kdcache.storage.manifest import CacheIdentity
 from kdcache.storage.schema import CacheSchema
 from kdcache.storage.synthetic import synthetic_block
@@ -63,7 +63,7 @@ def student_step_rate(
     """Positions per second one optimizer step of a built-in student consumes (forward+backward+AdamW)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_size(size, vocab, seq_len))
-    student = CausalLM(size, "builtin", model, vocab, seq_len, None)
+    student = BuiltinLM(size, model, vocab, seq_len, None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = TrainConfig(cache=str(cache), student=size, out="/tmp/unused", loss=loss)
     loss_fn = build_loss(loss)
@@ -116,7 +116,7 @@ def _step_variant(
         make_cache(cache, seq_len * 2, seq_len, k, vocab)
         batch = next(iter(CacheBatches(cache, batch_size=1, seed=0)))
         model = GPT(GPTConfig.from_size(size, vocab, seq_len))
-        student = CausalLM(size, "builtin", model, vocab, seq_len, None)
+        student = BuiltinLM(size, model, vocab, seq_len, None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         cfg = TrainConfig(
             cache=str(cache),
@@ -202,9 +202,10 @@ def bench_step(args) -> None:
 
 def bench_students(args) -> None:
     from kdcache.pipeline.corpus import builtin_corpus
-    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.stages.capture import CaptureConfig
     from kdcache.stages.models.gpt import save_checkpoint
-    from kdcache.stages.tokenizer import (
+    from kdcache.stages.models.tokenizer import (
         make_tokenizer_info,
         save_tokenizer,
         train_builtin_tokenizer,
@@ -256,7 +257,7 @@ def _train(cache: Path, size: str, vocab: int, teacher: GPT | None, steps: int) 
     """Seconds for `steps` optimizer steps of batch 16 x 128: cached forward KL, or online KD."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_size(size, vocab, 128))
-    student = CausalLM(size, "builtin", model, vocab, 128, None)
+    student = BuiltinLM(size, model, vocab, 128, None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = TrainConfig(cache=str(cache), student=size, out="/tmp/unused")
     loss_fn = build_loss("forward_kl")

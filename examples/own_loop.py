@@ -15,8 +15,8 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcache.stages.dataset import Batch, CacheBatches
-from kdcache.stages.losses import build_loss, chunked_loss
+from kdcache.stages.train.dataset import Batch, CacheBatches
+from kdcache.stages.train.losses import build_loss, chunked_loss
 from kdcache.storage.reader import CacheReader
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from kdcache.pipeline.report_render import human_bytes
+from kdcache.storage.codecs import CODECS
 from kdcache.storage.errors import ConfigError, KDCacheError
-from kdcache.storage.schema import CODECS
 
 
 def _fail(message: str, code: int) -> None:
@@ -293,7 +293,8 @@ def cache(**opts) -> None:
     Resumable: rerun the same command after an interruption. With --num-shards N, run one job
     per --shard-index (or --shard-index env in a SLURM array), then `kdcache finalize OUT`; or
     --executor dask to run every part on a Dask cluster (docs/SCALING.md)."""
-    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.stages.capture import CaptureConfig
 
     executor, scheduler, workers = opts.pop("executor"), opts.pop("scheduler"), opts.pop("workers")
     if executor == "local" and (scheduler is not None or workers is not None):
@@ -579,7 +580,7 @@ def prepare(workdir: Path, max_files: int, vocab_size: int) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def teacher_train(**opts) -> None:
     """Train kdcache's built-in GPT on text with hard labels: a teacher for `kdcache cache`."""
-    from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+    from kdcache.pipeline.pretrain import PretrainConfig, run_pretrain
 
     opts["progress"] = not opts.pop("no_progress")
     for key in ("data", "tokenizer", "out", "heldout"):
@@ -734,7 +735,7 @@ def inspect(cache: Path, as_json: bool, digest: bool) -> None:
 def verify(cache: Path, files_only: bool) -> None:
     """Recompute every checksum of CACHE and check its structure; print each problem (part, file,
     what is wrong). Exit 0 if intact, 1 if damaged, 2 if CACHE is not a cache kdcache reads."""
-    from kdcache.storage.integrity import verify_cache
+    from kdcache.storage.verify import verify_cache
 
     problems = verify_cache(cache, decode=not files_only)
     if problems:

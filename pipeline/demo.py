@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.storage.manifest import read_json
+from kdcache.storage.durable import read_json
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ QUICK = DemoPlan(
 def prepare(workdir: Path, *, max_files: int | None = None, vocab_size: int = 4096) -> dict:
     """WORKDIR/data/{train,heldout}.jsonl + corpus.json, and WORKDIR/tokenizer (trained on train)."""
     from kdcache.pipeline.corpus import write_corpus
-    from kdcache.stages.data import iter_documents
-    from kdcache.stages.tokenizer import (
+    from kdcache.stages.capture.sources import iter_documents
+    from kdcache.stages.models.tokenizer import (
         make_tokenizer_info,
         save_tokenizer,
         train_builtin_tokenizer,
@@ -105,9 +105,10 @@ def prepare(workdir: Path, *, max_files: int | None = None, vocab_size: int = 40
 def run_demo(workdir: Path, *, quick: bool = False, progress: bool = True) -> dict:
     """Every stage under workdir; ends by printing the report (kdcache.pipeline.report), also
     written to WORKDIR/report/; returns it."""
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.pipeline.pretrain import PretrainConfig, run_pretrain
     from kdcache.pipeline.report import build_report
-    from kdcache.stages.capture import CaptureConfig, run_capture
-    from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+    from kdcache.stages.capture import CaptureConfig
     from kdcache.stages.train import TrainConfig, run_train
 
     plan = QUICK if quick else FULL

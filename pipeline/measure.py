@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kdcache.stages.adapters import CausalLM
+from kdcache.stages.models.adapters import CausalLM
 
 
 @dataclass(frozen=True)

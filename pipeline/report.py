@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.pipeline.report_render import KEPT, markdown, write_plots
+from kdcache.storage.durable import read_json
 from kdcache.storage.errors import ConfigError
-from kdcache.storage.manifest import read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def _check_caches(runs: list[dict]) -> None:
 
 def unigram_ce(train_cache: str, batches, max_batches: int, vocab: int) -> float:
     """Held-out CE of token frequencies counted over the training cache (add-one smoothing)."""
-    from kdcache.stages.dataset import IGNORE_INDEX
     from kdcache.storage.reader import CacheReader
+    from kdcache.storage.schema import IGNORE_INDEX
 
     counts = np.ones(vocab, np.float64)
     seen = 0
@@ -161,8 +161,8 @@ def build_report(
 
     speed_seconds: time per inference setting and model (0: no inference measurement)."""
     from kdcache.pipeline.measure import SpeedSettings, measure_inference
-    from kdcache.stages.adapters import load_model
-    from kdcache.stages.capture import pick_device
+    from kdcache.stages.models.adapters import load_model
+    from kdcache.stages.models.devices import pick_device
     from kdcache.stages.train import evaluate, loss_label
     from kdcache.storage.reader import CacheReader
 

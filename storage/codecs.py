@@ -28,10 +28,14 @@ see the logical schema (ids in probability order, log-probs in the schema's dtyp
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kdcache.storage.schema import Block, CacheSchema
+from kdcache.storage.errors import ConfigError
+
+if TYPE_CHECKING:  # the schema imports the codec registry; codecs only see its instances
+    from kdcache.storage.schema import Block, CacheSchema
 
 
 class Codec:
@@ -119,8 +123,6 @@ class SortedCounts(Codec):
         return np.dtype(np.uint8 if schema.k <= 256 else np.uint16)
 
     def encode(self, block: Block, schema: CacheSchema) -> Block:
-        from kdcache.storage.errors import ConfigError
-
         n = schema.k
         exact = np.exp(block.topk_logprobs.astype(np.float64)) * n  # (R, N) counts, 0 padding
         counts = np.rint(exact)
@@ -192,8 +194,6 @@ CODECS: dict[str, Codec] = {
 
 
 def get_codec(name: str) -> Codec:
-    from kdcache.storage.errors import ConfigError
-
     if name not in CODECS:
         raise ConfigError(f"unknown codec {name!r}; expected one of {sorted(CODECS)}")
     return CODECS[name]

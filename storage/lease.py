@@ -8,9 +8,10 @@ A lease is a small JSON file inside the part directory, ``.lease-{generation:06d
   expired, not held by a process of this host that no longer exists, not held by this same
   process: there the newest writer object wins) refuses the new writer with ``PartLockedError`` naming its owner and expiry (or, with ``wait``, waits for it
   to expire). An expired lease is taken over by creating the next generation. Each generation
-  is created exclusively (``link`` of a fully written file; ``O_EXCL`` where links are not
-  supported), so of many writers racing for one lease exactly one wins, on NFS too.
-* **Renew.** The owner rewrites its own generation's file (write, fsync, rename), from a
+  is created exclusively (``kdcache.storage.durable.create_durable``: a hard link of a fully
+  written file, ``O_EXCL`` where links are not supported), so of many writers racing for one
+  lease exactly one wins, on NFS too.
+* **Renew.** The owner rewrites its own generation's file durably (write, fsync, rename), from a
   heartbeat thread every ``duration / 4`` and at each flush. It never renews a lease that has
   already expired or been superseded: it stops and reports it as lost instead, so a writer that
   stalled longer than the lease (swapped out, network partition) cannot keep writing next to
@@ -25,7 +26,6 @@ The names start with a dot: integrity checks, Zarr and Arrow datasets skip them.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import logging
 import os
@@ -36,6 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
+from kdcache.storage.durable import create_durable, write_durable
 from kdcache.storage.errors import PartLockedError
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class Lease:
     """The lease on one part directory, for one writer (this process, a fresh owner id)."""
 
@@ -153,28 +147,9 @@ class Lease:
     def _create(self, generation: int) -> bool:
         """Create ``generation`` exclusively with our record; False if it already exists."""
         self.generation, self.expires_at = generation, time.time() + self.duration
-        target = self.dir / lease_name(generation)
-        tmp = self.dir / f".lease-tmp-{self.owner['id']}"
-        _write_file(tmp, self._record())
-        try:
-            os.link(tmp, target)  # atomic, whole file, fails if the target exists (NFS too)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            try:  # no hard links here: exclusive create, then write
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._record())
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+        return create_durable(
+            self.dir / lease_name(generation), self._record(), tag=self.owner["id"]
+        )
 
     @staticmethod
     def describe(record: dict) -> str:
@@ -254,10 +229,7 @@ class Lease:
         with self._lock:
             self.check()
             self.expires_at = time.time() + self.duration
-            path = self.dir / lease_name(self.generation)
-            tmp = self.dir / f".lease-tmp-{self.owner['id']}"
-            _write_file(tmp, self._record())
-            os.replace(tmp, path)
+            write_durable(self.dir / lease_name(self.generation), self._record())
             if any(g > self.generation for g in self._generations()):
                 self.lost = "another writer took it over"
                 self.check()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kdcache.storage.durable import read_json, write_json_durable
 from kdcache.storage.errors import (
     CacheMismatchError,
     FormatVersionError,
@@ -56,44 +56,6 @@ def now_iso() -> str:
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}"
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a new directory entry is durable too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_durable(path: Path, obj: Any) -> None:
-    """Write JSON and fsync it and its directory.
-
-    Written under a temporary name and renamed where the file system has renames (so a kill
-    never leaves a torn file there); correctness does not depend on it: readers treat a torn
-    file as absent.
-    """
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def read_json(path: Path) -> dict | None:
-    """The parsed object, or None if the file is missing or torn (not valid JSON)."""
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def check_format(obj: dict, where: Path) -> None:

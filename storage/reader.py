@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.storage.base import BackendReader, get_backend
+from kdcache.storage.backends import get_backend
+from kdcache.storage.backends.base import BackendReader
 from kdcache.storage.codecs import get_codec
 from kdcache.storage.manifest import open_index, parts_dir
 from kdcache.storage.schema import Block, CacheSchema, Sequence
@@ -149,7 +150,7 @@ class CacheReader:
         """
         import pyarrow as pa
 
-        from kdcache.storage.arrow_backend import arrow_schema, block_to_batch
+        from kdcache.storage.backends.arrow import arrow_schema, block_to_batch
 
         logical = replace(self.schema, codec="plain", logprob_dtype="float32")
         schema = arrow_schema(logical)

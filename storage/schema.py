@@ -4,7 +4,7 @@ Both backends store exactly these arrays (docs/FORMAT.md gives the physical layo
 A *block* is a run of consecutive sequences held as flat arrays plus offsets: the unit that
 writers append and readers return. Nothing here knows about files.
 
-Alignment (tests/storage/test_alignment.py): row t of a sequence is the teacher's distribution
+Alignment (tests/storage/test_schema.py): row t of a sequence is the teacher's distribution
 for the token *after* input token t, given tokens 0..t; the hard label of row t is input token
 t+1; the last row of a sequence has no label.
 """
@@ -15,27 +15,28 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from kdcache.storage.codecs import CODECS, get_codec
 from kdcache.storage.errors import ConfigError, FormatVersionError
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # the label of a row without one (a sequence's last row): torch's default
 
 LOGPROB_DTYPES = ("float16", "float32")
 TARGETS_ON = ("all", "mask")
 TARGET_KINDS = ("topk", "sampled")
-CODECS = (
-    "plain",
-    "sorted-q8",
-    "sorted-q9",
-    "sorted-q10",
-    "sorted-q12",
-    "sorted-counts",
-)  # storage.codecs
 
 
 def id_dtype_for(vocab_size: int) -> np.dtype:
     """The smallest unsigned type that holds every id of the vocabulary: no vocabulary cap."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def transfer_id_dtype(vocab_size: int) -> str:
+    """The signed type token ids cross from the device to the host in ("int16" or "int32"):
+    torch has no usable uint16, so int16 holds ids below 2^15 only; larger vocabularies move as
+    int32. The host casts to ``id_dtype_for`` (the stored type) without loss either way."""
+    return "int16" if vocab_size <= 2**15 else "int32"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class CacheSchema:
         if self.targets not in TARGET_KINDS:
             problems.append(f"targets must be one of {TARGET_KINDS}, got {self.targets!r}")
         if self.codec not in CODECS:
-            problems.append(f"codec must be one of {CODECS}, got {self.codec!r}")
+            problems.append(f"codec must be one of {tuple(CODECS)}, got {self.codec!r}")
         if self.codec == "sorted-counts" and self.targets != "sampled":
             problems.append(
                 f"the sorted-counts codec stores sampled targets, found targets={self.targets!r}; "
@@ -120,8 +121,6 @@ class CacheSchema:
 
     def stored_dtypes(self) -> dict[str, np.dtype]:
         """What the backends store: the logical dtypes as the codec changes them."""
-        from kdcache.storage.codecs import get_codec
-
         return get_codec(self.codec).stored_dtypes(self)
 
     def array_dtypes(self) -> dict[str, np.dtype]:
@@ -154,8 +153,8 @@ class Sequence:
 
     @property
     def labels(self) -> np.ndarray:
-        """(T,) int64 hard labels: input token t+1 for row t, -100 for the last row."""
-        out = np.full(len(self.input_ids), -100, dtype=np.int64)
+        """(T,) int64 hard labels: input token t+1 for row t, IGNORE_INDEX for the last row."""
+        out = np.full(len(self.input_ids), IGNORE_INDEX, dtype=np.int64)
         out[:-1] = self.input_ids[1:]
         return out
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from kdcache.storage.codecs import get_codec
 from kdcache.storage.errors import IntegrityError, KDCacheError
-from kdcache.storage.reader import CacheReader, DecodedPart
+from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import Block, CacheSchema
 
 MASS_BINS = 1000  # top-k mass histogram over [0, 1]
@@ -59,42 +59,6 @@ def _kept_ids(ids: np.ndarray, lp: np.ndarray, schema: CacheSchema) -> np.ndarra
     stored = dataclasses.replace(Block.empty(schema), topk_ids=ids, topk_logprobs=lp)
     ids64, keep = get_codec(schema.codec).entry_ids(stored)
     return np.where(keep, ids64, schema.vocab_size).reshape(-1)
-
-
-def _part_arrays(part: DecodedPart, schema: CacheSchema, chunk_entries: int):
-    """The stored (ids (R, k), logprobs (R, k), log_tail (R,)) of one part as dask arrays with
-    the same row chunks."""
-    import dask
-    import dask.array as da
-
-    k = schema.k
-    stored = part.stored
-    if stored.name == "zarr":
-        inner = int(stored.arrays["topk_ids"].chunks[0])
-        rows = max(inner, chunk_entries // max(k, 1) // inner * inner)  # whole inner chunks
-        return tuple(
-            da.from_zarr(stored.arrays[name], chunks=(rows, k)[: stored.arrays[name].ndim])
-            for name in ("topk_ids", "topk_logprobs", "log_tail")
-        )
-    dtypes = schema.stored_dtypes()
-    pieces = ([], [], [])
-    for fi, bi, rows in stored.batch_rows():
-        arrays = dask.delayed(stored.read_topk, nout=3, pure=True)(fi, bi)
-        for out, arr, name, shape in zip(
-            pieces,
-            arrays,
-            ("topk_ids", "topk_logprobs", "log_tail"),
-            ((rows, k), (rows, k), (rows,)),
-        ):
-            out.append(da.from_delayed(arr, shape=shape, dtype=dtypes[name]))
-    if not pieces[0]:
-        return (
-            da.zeros((0, k), dtypes["topk_ids"]),
-            da.zeros((0, k), dtypes["topk_logprobs"]),
-            da.zeros((0,), dtypes["log_tail"]),
-        )
-    rows = max(1, chunk_entries // max(k, 1))  # a record batch may be larger: cut it
-    return tuple(da.concatenate(p).rechunk({0: rows}) for p in pieces)
 
 
 def _quantiles(counts: np.ndarray, edges: np.ndarray) -> dict[str, float]:
@@ -142,7 +106,7 @@ def cache_stats(
     top1, topk = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
     for p in range(cache.num_parts):  # one graph per part: an error names its part
         part = cache.part(p)
-        ids, lp, tail = _part_arrays(part, schema, chunk_entries)
+        ids, lp, tail = part.stored.topk_arrays(chunk_entries)
         if ids.shape[0] == 0:
             continue
         rows = da.map_blocks(

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.storage.base import get_backend
+from kdcache.storage.backends import get_backend
+from kdcache.storage.checksums import file_table, update_tokens_sha256
 from kdcache.storage.codecs import get_codec, reconstruction_kl
+from kdcache.storage.durable import read_json, write_json_durable
 from kdcache.storage.errors import CacheMismatchError, IntegrityError, WriteFailedError
-from kdcache.storage.integrity import file_table
 from kdcache.storage.lease import DEFAULT_LEASE_SECONDS, Lease, lease_name, remove_leases
 from kdcache.storage.manifest import (
     MANIFEST,
@@ -42,20 +43,12 @@ from kdcache.storage.manifest import (
     now_iso,
     part_name,
     parts_dir,
-    read_json,
-    write_json_durable,
 )
 from kdcache.storage.schema import FORMAT_NAME, FORMAT_VERSION, Block, Sequence
 
 log = logging.getLogger(__name__)
 
-
-def _tokens_update(h: hashlib._Hash, block: Block) -> None:
-    """Hash of the token ids, independent of backend, dtype and flush boundaries."""
-    for j in range(block.num_sequences):
-        ids = block.input_ids[block.seq_offsets[j] : block.seq_offsets[j + 1]]
-        h.update(np.uint64(len(ids)).tobytes())
-        h.update(ids.astype("<u4").tobytes())
+DEFAULT_FLUSH_POSITIONS = 65536  # positions per durable flush: the most work a crash can cost
 
 
 class KLHistogram:
@@ -198,7 +191,7 @@ class PartWriter:
         shard_index: int = 0,
         backend_options: dict | None = None,
         config: dict | None = None,
-        flush_positions: int = 65536,
+        flush_positions: int = DEFAULT_FLUSH_POSITIONS,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         lease_wait: float = 0.0,
     ) -> None:
@@ -288,7 +281,7 @@ class PartWriter:
         reader = self.backend.reader(self.dir, self.schema, record)
         step = 4096
         for start in range(0, self.counts["sequences"], step):
-            _tokens_update(
+            update_tokens_sha256(
                 self._hash, reader.read(start, min(start + step, self.counts["sequences"]))
             )
 
@@ -352,7 +345,7 @@ class PartWriter:
             )
         )
         self.counts = counts
-        _tokens_update(self._hash, block)
+        update_tokens_sha256(self._hash, block)
         self._io(self.lease.renew)
 
     def _io(self, write: Callable[[], object]) -> None:

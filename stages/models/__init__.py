@@ -1,1 +1,2 @@
-"""Built-in student models (a small readable GPT) trained by kdcache from a teacher cache."""
+"""What both stages share: model adapters (one class per kind of model), kdcache's built-in GPT,
+tokenizers and their fingerprints, devices and CPU threads. Imports kdcache.storage only."""

@@ -21,10 +21,14 @@ from click.testing import CliRunner
 
 from kdcache.pipeline.cli import main as cli_main
 from kdcache.pipeline.corpus import builtin_corpus
-from kdcache.pipeline.executors import run_dask, run_local
-from kdcache.stages.capture import CaptureConfig, run_capture
+from kdcache.pipeline.executors import run_capture, run_dask, run_local
+from kdcache.stages.capture import CaptureConfig
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import (
+    make_tokenizer_info,
+    save_tokenizer,
+    train_builtin_tokenizer,
+)
 from kdcache.storage.lease import is_lease_file
 from kdcache.storage.reader import CacheReader
 

@@ -47,8 +47,9 @@ MAKE = ["model", "steps", "training tokens", "training time", "teacher capture",
 def work(tmp_path_factory) -> Path:
     """WORK/teacher, WORK/cache, WORK/cache-heldout, WORK/runs/{kd-micro,kd-nano,hard-nano}."""
     from kdcache.pipeline.demo import prepare
-    from kdcache.stages.capture import CaptureConfig, run_capture
-    from kdcache.stages.pretrain import PretrainConfig, run_pretrain
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.pipeline.pretrain import PretrainConfig, run_pretrain
+    from kdcache.stages.capture import CaptureConfig
     from kdcache.stages.train import TrainConfig, run_train
 
     w = tmp_path_factory.mktemp("report")

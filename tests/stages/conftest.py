@@ -16,7 +16,11 @@ import torch
 
 from kdcache.pipeline.corpus import builtin_corpus, is_heldout
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import (
+    make_tokenizer_info,
+    save_tokenizer,
+    train_builtin_tokenizer,
+)
 
 VOCAB = 512  # the test tokenizer's vocabulary (and the random teachers' output size)
 CONTEXT = 128  # the random teachers' context

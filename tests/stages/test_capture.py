@@ -22,17 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.stages.capture import (
-    CaptureConfig,
-    CaptureSummary,
-    resolve_shard,
-    run_capture,
-    sample_id,
-)
+from kdcache.pipeline.executors import resolve_shard, run_capture
+from kdcache.stages.capture import CaptureConfig, CaptureSummary, sample_id
 from kdcache.stages.models.gpt import GPT, GPTConfig, load_checkpoint
-from kdcache.stages.tokenizer import load_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import load_tokenizer, train_builtin_tokenizer
+from kdcache.storage.durable import read_json
 from kdcache.storage.errors import CacheMismatchError, ConfigError
-from kdcache.storage.manifest import PART_RECORD, PROGRESS, read_json
+from kdcache.storage.manifest import PART_RECORD, PROGRESS
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import Sequence
 

@@ -26,10 +26,13 @@ from test_capture import (
 )
 
 from kdcache.pipeline.cli import main as cli_main
-from kdcache.storage import arrow_backend, writer, zarr_backend
+from kdcache.storage import writer
+from kdcache.storage.backends import arrow as arrow_backend
+from kdcache.storage.backends import zarr as zarr_backend
+from kdcache.storage.durable import read_json
 from kdcache.storage.errors import PartLockedError, WriteFailedError
 from kdcache.storage.lease import is_lease_file
-from kdcache.storage.manifest import PROGRESS, read_json
+from kdcache.storage.manifest import PROGRESS
 from kdcache.storage.reader import CacheReader
 
 K = 8

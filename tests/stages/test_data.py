@@ -8,14 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import processors
 
-from kdcache.stages.data import (
+from kdcache.stages.capture.sources import (
     Document,
     iter_documents,
     render_chat,
     source_fingerprint,
     tokenize,
 )
-from kdcache.stages.tokenizer import make_tokenizer_info, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import make_tokenizer_info, train_builtin_tokenizer
 from kdcache.storage.errors import ConfigError
 
 CHATML = (

@@ -9,8 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 from train_helpers import lengths, synthetic_cache
 
-from kdcache.stages.dataset import IGNORE_INDEX, Batch, CacheBatches, Prefetch, collate
+from kdcache.stages.train.dataset import Batch, CacheBatches, collate
+from kdcache.storage.background import prefetch
 from kdcache.storage.reader import CacheReader
+from kdcache.storage.schema import IGNORE_INDEX
 
 BATCH = 3
 # 3 DataLoader workers on a 2-core machine: torch warns, the order must not change.
@@ -223,13 +225,13 @@ def test_empty_slice_collates_to_an_empty_batch(tmp_path):
 
 
 def test_prefetch_yields_the_source_and_reraises_its_error():
-    assert list(Prefetch(iter(range(10)), depth=2)) == list(range(10))
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
 
     def broken():
         yield 1
         raise OSError("disk gone")
 
-    it = Prefetch(broken())
+    it = prefetch(broken())
     assert next(it) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(it)

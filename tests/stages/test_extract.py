@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdcache.stages.extract import extract_rows, group_topk, topk_from_logits
+from kdcache.stages.capture.extract import extract_rows, group_topk, topk_from_logits
 
 
 @pytest.mark.parametrize("V, k", [(4096, 64), (4099, 64), (1000, 3), (2048, 1)])
@@ -65,7 +65,8 @@ def test_capture_records_the_head_precision_it_used(tmp_path, gpt_teacher, corpu
     """auto resolves to float32 on CPU (tf32 exists on CUDA only) and is stored resolved."""
     import json
 
-    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.stages.capture import CaptureConfig
 
     (tmp_path / "d.txt").write_text(corpus["train"][0][:2000])
     run_capture(
@@ -84,7 +85,7 @@ def test_capture_records_the_head_precision_it_used(tmp_path, gpt_teacher, corpu
 def test_sampled_targets_are_unbiased_and_reproducible():
     """The average of many draws converges to the teacher's probabilities; draws depend only on
     (sample id, position), not on the batch."""
-    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.stages.capture.extract import row_seeds, sample_from_logits
 
     torch.manual_seed(0)
     V, N, rows = 50, 16, 4000
@@ -111,7 +112,7 @@ def test_proposal_temperature_importance_weights_converge_to_the_teacher(tau):
     """Draws from softmax(z / tau), weighted count * p / r and normalized: the average target
     converges to the teacher's p (self-normalized importance sampling; bias O(1 / N)), while the
     plain counts of the draws converge to the proposal r, not p (so the weights matter)."""
-    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.stages.capture.extract import row_seeds, sample_from_logits
 
     torch.manual_seed(2)
     V, N, rows = 40, 64, 4000
@@ -137,8 +138,8 @@ def test_proposal_temperature_importance_weights_converge_to_the_teacher(tau):
 
 def test_sampled_ce_gradient_matches_full_kd_in_expectation():
     """E[grad of the sampled CE] = grad of the full-distribution forward KL (same student)."""
-    from kdcache.stages.extract import row_seeds, sample_from_logits
-    from kdcache.stages.losses import build_loss
+    from kdcache.stages.capture.extract import row_seeds, sample_from_logits
+    from kdcache.stages.train.losses import build_loss
 
     torch.manual_seed(1)
     V, N, rows = 30, 8, 6000
@@ -171,7 +172,8 @@ def test_sampled_capture_is_reproducible_across_shard_counts(tmp_path, gpt_teach
     exactly the 1-shard capture's rows; weights are counts / N and sum to 1."""
     import numpy as np
 
-    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.stages.capture import CaptureConfig
     from kdcache.storage.reader import CacheReader
 
     data = tmp_path / "d.jsonl"
@@ -213,7 +215,8 @@ def test_proposal_temperature_is_recorded_and_trains_with_soft_ce(tmp_path, gpt_
     and the weights train a student with soft_ce."""
     import numpy as np
 
-    from kdcache.stages.capture import CaptureConfig, run_capture
+    from kdcache.pipeline.executors import run_capture
+    from kdcache.stages.capture import CaptureConfig
     from kdcache.stages.train import TrainConfig, run_train
     from kdcache.storage.errors import ConfigError, KDCacheError
     from kdcache.storage.reader import CacheReader

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.stages.losses import (
+from kdcache.stages.train.losses import (
     JSD,
     LOSSES,
     ForwardKL,

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from kdcache.pipeline.corpus import builtin_corpus
-from kdcache.stages.tokenizer import (
+from kdcache.stages.models.tokenizer import (
     load_tokenizer,
     make_tokenizer_info,
     save_tokenizer,

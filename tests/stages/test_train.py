@@ -41,12 +41,17 @@ from train_helpers import (
 
 from kdcache.pipeline.cli import main as cli_main
 from kdcache.pipeline.cli import train as train_command
-from kdcache.stages.capture import CaptureConfig, run_capture
-from kdcache.stages.dataset import CacheBatches, collate
-from kdcache.stages.losses import build_loss
+from kdcache.pipeline.executors import run_capture
+from kdcache.stages.capture import CaptureConfig
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import make_tokenizer_info, save_tokenizer, train_builtin_tokenizer
+from kdcache.stages.models.tokenizer import (
+    make_tokenizer_info,
+    save_tokenizer,
+    train_builtin_tokenizer,
+)
 from kdcache.stages.train import TrainConfig, batch_loss, load_student, run_train
+from kdcache.stages.train.dataset import CacheBatches, collate
+from kdcache.stages.train.losses import build_loss
 from kdcache.storage.reader import CacheReader
 
 CPU = torch.device("cpu")
@@ -302,7 +307,7 @@ def test_crash_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     opts = dict(steps=10, checkpoint_every=4, eval_every=3, grad_accum=2)
     run_train(config(resume_cache, tmp_path / "straight", **opts))
 
-    import kdcache.stages.train as train_mod
+    import kdcache.stages.train.loop as train_mod  # run_train calls its batch_loss
 
     calls = {"n": 0}
     real = train_mod.batch_loss
@@ -556,9 +561,9 @@ MEMORY_PROBE = """
 import resource
 import numpy as np
 import torch
-from kdcache.stages.adapters import CausalLM
-from kdcache.stages.dataset import collate
-from kdcache.stages.losses import build_loss
+from kdcache.stages.models.adapters import BuiltinLM
+from kdcache.stages.train.dataset import collate
+from kdcache.stages.train.losses import build_loss
 from kdcache.stages.models.gpt import GPT, GPTConfig
 from kdcache.stages.train import TrainConfig, batch_loss
 from kdcache.storage.schema import CacheSchema
@@ -568,7 +573,7 @@ V, T = 151936, 4096
 torch.set_num_threads(1)
 batch = collate(synthetic_block(np.random.default_rng(0), [T], CacheSchema(k=8, vocab_size=V)))
 model = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=1, n_embd=16, block_size=T))
-student = CausalLM("probe", "builtin", model, V, T, None)
+student = BuiltinLM("probe", model, V, T, None)
 cfg = TrainConfig(cache=".", student="probe", out="unused")  # the default --chunk-rows
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 batch_loss(student, build_loss("forward_kl", alpha=0.7), batch, cfg).backward()

@@ -145,7 +145,7 @@ def _sampled_block(schema: CacheSchema, rows: int = 300, seed: int = 0) -> Block
     """Rows drawn by the capture's own sampler (counts / N, count order, padding last)."""
     import torch
 
-    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.stages.capture.extract import row_seeds, sample_from_logits
     from kdcache.storage.schema import Sequence
 
     z = torch.randn(rows, schema.vocab_size, generator=torch.Generator().manual_seed(seed)) * 3

@@ -24,11 +24,11 @@ from kdcache.storage.errors import (
     NotACacheError,
     NotFinalizedError,
 )
-from kdcache.storage.integrity import verify_cache
 from kdcache.storage.manifest import PART_RECORD, PROGRESS, CacheIdentity, finalize
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import Block, CacheSchema, Sequence
 from kdcache.storage.synthetic import synthetic_block
+from kdcache.storage.verify import verify_cache
 from kdcache.storage.writer import PartWriter, write_cache
 
 BACKENDS = ["zarr", "arrow"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.stages.dataset import CacheBatches
+from kdcache.stages.train.dataset import CacheBatches
 from kdcache.storage.convert import convert_cache
 from kdcache.storage.errors import (
     CacheMismatchError,
@@ -25,13 +25,13 @@ from kdcache.storage.errors import (
     KDCacheError,
     PartLockedError,
 )
-from kdcache.storage.integrity import verify_cache
 from kdcache.storage.lease import is_lease_file
 from kdcache.storage.manifest import CacheIdentity, finalize
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import Block, CacheSchema
 from kdcache.storage.stats import cache_stats
 from kdcache.storage.synthetic import synthetic_block
+from kdcache.storage.verify import verify_cache
 from kdcache.storage.writer import PartWriter, prepare_output, write_cache
 
 SMALL = {"zarr": {"shard_rows": 64, "chunk_rows": 16}, "arrow": {"batch_positions": 50}}

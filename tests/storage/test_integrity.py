@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdcache.storage.checksums import data_files
 from kdcache.storage.errors import KDCacheError
-from kdcache.storage.integrity import data_files, verify_cache
 from kdcache.storage.manifest import CacheIdentity
 from kdcache.storage.reader import CacheReader
 from kdcache.storage.schema import CacheSchema
 from kdcache.storage.synthetic import synthetic_block
+from kdcache.storage.verify import verify_cache
 from kdcache.storage.writer import write_cache
 
 SMALL = {"zarr": {"shard_rows": 64, "chunk_rows": 16}, "arrow": {"batch_positions": 50}}
@@ -129,7 +130,7 @@ def test_verify_names_each_problem(tmp_path, backend, damage, expected):
         (part / "part.json").unlink()
     elif kind == "shape":
         # A consistent but wrong array: shape in zarr.json and the files table agree.
-        from kdcache.storage.integrity import file_table
+        from kdcache.storage.checksums import file_table
 
         meta = json.loads((part / arg / "zarr.json").read_text())
         meta["shape"] = [127]

@@ -81,10 +81,10 @@ def test_a_part_written_before_a_schema_field_existed_finalizes_and_verifies(tmp
     finalize accepts both parts, verify finds nothing wrong, the reader gives the default."""
     import json
 
-    from kdcache.storage.integrity import verify_cache
     from kdcache.storage.manifest import CacheIdentity, finalize
     from kdcache.storage.reader import CacheReader
     from kdcache.storage.synthetic import synthetic_block
+    from kdcache.storage.verify import verify_cache
     from kdcache.storage.writer import PartWriter
 
     schema = CacheSchema(k=4, vocab_size=64)

@@ -236,7 +236,7 @@ def test_stats_of_a_sorted_counts_cache_equal_the_plain_ones(tmp_path, backend):
     included), padding does not."""
     import torch
 
-    from kdcache.stages.extract import row_seeds, sample_from_logits
+    from kdcache.stages.capture.extract import row_seeds, sample_from_logits
     from kdcache.storage.convert import convert_cache
     from kdcache.storage.schema import Block, Sequence
 

@@ -1,6 +1,7 @@
 """Stage one on a Dask cluster: one task per part, the teacher loaded once per worker.
 
-Imported only by ``run_dask`` (kdcache.pipeline.executors): distributed is needed here only.
+Imported only when used (kdcache.pipeline.executors loads it lazily): distributed is needed
+here only.
 
 * ``TeacherPlugin`` (a ``distributed.WorkerPlugin``) starts loading the teacher when it is
   attached to a worker (every worker, and workers that join or restart later), in a thread so
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import replace
 
@@ -24,14 +26,15 @@ import torch
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from distributed.scheduler import KilledWorker
 
-from kdcache.pipeline.executors import CaptureRun, available_cpus
-from kdcache.stages.capture import (
-    CaptureConfig,
-    CaptureSession,
-    capture_part,
-    load_session,
-    use_cpu_threads,
+from kdcache.pipeline.executors.base import (
+    CaptureRun,
+    absolute_paths,
+    all_shards,
+    available_cpus,
+    finish,
 )
+from kdcache.stages.capture import CaptureConfig, CaptureSession, capture_part, load_session
+from kdcache.stages.models.devices import use_cpu_threads
 from kdcache.storage.errors import KDCacheError
 from kdcache.storage.manifest import part_name
 from kdcache.storage.writer import prepare_output
@@ -180,3 +183,23 @@ def run_on_dask(
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def run_dask(
+    cfg: CaptureConfig,
+    *,
+    scheduler: object | None = None,
+    workers: int | None = None,
+    processes: bool = True,
+) -> CaptureRun:
+    """Capture every part on a Dask cluster, one task per part.
+
+    scheduler: None (a LocalCluster of ``workers`` workers, 1 thread each, made and closed
+    here), a scheduler address ("tcp://host:8786"), or a running cluster / Client object."""
+    t0 = time.perf_counter()
+    cfg = absolute_paths(cfg)
+    cfg.validate()
+    cfg, shards = all_shards(cfg)
+    run = CaptureRun(out=cfg.out, executor="dask", workers=0)
+    run_on_dask(cfg, shards, run, scheduler=scheduler, workers=workers, processes=processes)
+    return finish(run, t0)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.stages.tokenizer import TokenizerInfo
+from kdcache.stages.models.tokenizer import TokenizerInfo
 from kdcache.storage.errors import ConfigError
 
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")

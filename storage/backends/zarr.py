@@ -25,10 +25,10 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore, WrapperStore
 
-from kdcache.storage.base import Backend, BackendReader, BackendWriter, register
+from kdcache.storage.backends.base import Backend, BackendReader, BackendWriter
+from kdcache.storage.checksums import PartFiles, file_crc32c
+from kdcache.storage.durable import fsync_path
 from kdcache.storage.errors import IntegrityError, KDCacheError
-from kdcache.storage.integrity import PartFiles, file_crc32c
-from kdcache.storage.manifest import fsync_path
 from kdcache.storage.schema import AXIS_OF, OFFSETS_OF_AXIS, Block, CacheSchema
 
 OFFSET_ARRAYS = tuple(OFFSETS_OF_AXIS.values())  # seq_offsets, row_offsets, doc_offsets
@@ -239,6 +239,39 @@ class ZarrReader(BackendReader):
                     "the part's metadata is damaged: run `kdcache verify` and recapture the part"
                 )
 
+    def layout_problems(self, where: str) -> list[str]:
+        """Every array's shape and dtype against part.json's counts and the schema."""
+        counts = self.record["counts"]
+        n = {
+            "sequence": counts["sequences"],
+            "position": counts["positions"],
+            "row": counts["rows"],
+            "doc": counts["docs"],
+            "offset": counts["sequences"] + 1,
+        }
+        problems = []
+        for name, (dtype, inner, axis) in _array_specs(self.schema).items():
+            arr, want = self.arrays[name], (n[axis], *inner)
+            if tuple(arr.shape) != want:
+                problems.append(
+                    f"{where}/{name}: wrong shape {tuple(arr.shape)}, part.json counts give {want}"
+                )
+            if arr.dtype != dtype:
+                problems.append(f"{where}/{name}: dtype {arr.dtype}, the schema stores {dtype}")
+        return problems
+
+    def topk_arrays(self, chunk_entries: int) -> tuple:
+        """dask.array.from_zarr of the three arrays, row chunks of whole inner chunks."""
+        import dask.array as da
+
+        k = self.schema.k
+        inner = int(self.arrays["topk_ids"].chunks[0])
+        rows = max(inner, chunk_entries // max(k, 1) // inner * inner)
+        return tuple(
+            da.from_zarr(self.arrays[name], chunks=(rows, k)[: self.arrays[name].ndim])
+            for name in ("topk_ids", "topk_logprobs", "log_tail")
+        )
+
     def read(self, start: int, stop: int) -> Block:
         so, ro, do = (self.offsets[n] for n in OFFSET_ARRAYS)
         ranges = {
@@ -271,13 +304,11 @@ def _read_checked(arr: zarr.Array, a: int, b: int, where: Path) -> np.ndarray:
         ) from e
 
 
-register(
-    Backend(
-        "zarr",
-        ZarrWriter,
-        ZarrReader,
-        defaults={"shard_rows": 65536, "chunk_rows": 8192, "zstd_level": 3, "compact_level": 5},
-    )
+BACKEND = Backend(
+    "zarr",
+    ZarrWriter,
+    ZarrReader,
+    defaults={"shard_rows": 65536, "chunk_rows": 8192, "zstd_level": 3, "compact_level": 5},
 )
 
-__all__ = ["ZarrReader", "ZarrWriter"]
+__all__ = ["BACKEND", "ZarrReader", "ZarrWriter"]

@@ -1,9 +1,10 @@
-"""The backend interface: how one part's blocks are stored and loaded, and the registry.
+"""The backend interface: how one part's blocks are stored and loaded.
 
 A backend stores and loads the named arrays of the logical schema (kdcache.storage.schema) for
 one part directory. It knows nothing of teachers, manifests or resume policy: the part writer
 (kdcache.storage.writer) decides when to append and records the backend's state after each
-durable append. Codecs that transform arrays sit above the backends and serve both.
+durable append. Codecs that transform arrays sit above the backends and serve both. Each backend
+module defines ``BACKEND``; kdcache.storage.backends collects them.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+from kdcache.storage.checksums import PartFiles
 from kdcache.storage.errors import ConfigError
-from kdcache.storage.integrity import PartFiles
 from kdcache.storage.schema import Block, CacheSchema
 
 
@@ -60,6 +61,18 @@ class BackendReader(ABC):
     @abstractmethod
     def read(self, start: int, stop: int) -> Block: ...
 
+    def layout_problems(self, where: str) -> list[str]:
+        """What of the stored layout disagrees with part.json's counts and the schema (shapes,
+        dtypes), one line each starting with ``where``; ``kdcache verify`` runs it after the
+        checksums. Default: nothing beyond what opening the reader checks."""
+        return []
+
+    @abstractmethod
+    def topk_arrays(self, chunk_entries: int) -> tuple:
+        """The stored (topk_ids (R, k), topk_logprobs (R, k), log_tail (R,)) as dask arrays with
+        the same row chunks, about ``chunk_entries`` top-k entries per chunk: what ``kdcache
+        stats`` reduces out of core (the codec decodes each chunk there)."""
+
 
 class Backend:
     """A registered backend: its writer and reader classes and default options."""
@@ -78,20 +91,3 @@ class Backend:
                 )
             opts[key] = value
         return opts
-
-
-BACKENDS: dict[str, Backend] = {}
-
-
-def register(backend: Backend) -> Backend:
-    BACKENDS[backend.name] = backend
-    return backend
-
-
-def get_backend(name: str) -> Backend:
-    # Importing the modules registers the built-in backends.
-    from kdcache.storage import arrow_backend, zarr_backend  # noqa: F401
-
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; expected one of {sorted(BACKENDS)}")
-    return BACKENDS[name]

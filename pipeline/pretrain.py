@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdcache.stages.capture import pick_device
-from kdcache.stages.data import iter_documents, tokenize
+from kdcache.stages.capture.sources import iter_documents, tokenize
+from kdcache.stages.models.devices import pick_device
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
-from kdcache.stages.tokenizer import load_tokenizer, save_tokenizer
+from kdcache.stages.models.tokenizer import load_tokenizer, save_tokenizer
 from kdcache.stages.train import warmup_cosine
+from kdcache.storage.durable import write_json_durable
 from kdcache.storage.errors import ConfigError
-from kdcache.storage.manifest import write_json_durable
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,16 @@ first time a reader touches the file (and by ``kdcache verify``).
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from kdcache.storage.base import Backend, BackendReader, BackendWriter, register
+from kdcache.storage.backends.base import Backend, BackendReader, BackendWriter
+from kdcache.storage.checksums import file_crc32c
+from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import IntegrityError
-from kdcache.storage.integrity import file_crc32c
-from kdcache.storage.manifest import fsync_path
 from kdcache.storage.schema import Block, CacheSchema
 
 LIST_COLUMNS = ("input_ids", "loss_mask", "doc_starts", "topk_ids", "topk_logprobs", "log_tail")
@@ -127,16 +126,13 @@ class ArrowWriter(BackendWriter):
             block_to_batch(b, self.schema_pa)
             for b in _split(block, int(self.options["batch_positions"]))
         ]
-        with pa.OSFile(str(path), "wb") as sink:
-            with pa.ipc.new_file(sink, self.schema_pa, options=self.write_options) as w:
+
+        def write(f) -> None:
+            with pa.ipc.new_file(f, self.schema_pa, options=self.write_options) as w:
                 for b in batches:
                     w.write_batch(b)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_path(self.part_dir)
+
+        write_durable(path, write)
         self.files.append({"name": name, "batches": [b.num_rows for b in batches]})
 
     def state(self) -> dict:
@@ -251,6 +247,27 @@ class ArrowReader(BackendReader):
                 f"{self.part_dir}: cannot decode record batch {bi} of {self.blocks[fi]['name']}: {e}"
             ) from e
 
+    def topk_arrays(self, chunk_entries: int) -> tuple:
+        """One delayed read per record batch (``read_topk``), cut into row chunks."""
+        import dask
+        import dask.array as da
+
+        k, dtypes = self.schema.k, self.schema.stored_dtypes()
+        names = ("topk_ids", "topk_logprobs", "log_tail")
+        pieces: tuple[list, list, list] = ([], [], [])
+        for fi, bi, rows in self.batch_rows():
+            arrays = dask.delayed(self.read_topk, nout=3, pure=True)(fi, bi)
+            for out, arr, name, shape in zip(
+                pieces, arrays, names, ((rows, k), (rows, k), (rows,))
+            ):
+                out.append(da.from_delayed(arr, shape=shape, dtype=dtypes[name]))
+        if not pieces[0]:
+            return tuple(
+                da.zeros(shape, dtypes[n]) for n, shape in zip(names, ((0, k), (0, k), (0,)))
+            )
+        rows = max(1, chunk_entries // max(k, 1))  # a record batch may be larger: cut it
+        return tuple(da.concatenate(p).rechunk({0: rows}) for p in pieces)
+
     def read(self, start: int, stop: int) -> Block:
         if stop <= start:
             return Block.empty(self.schema)
@@ -271,13 +288,11 @@ class ArrowReader(BackendReader):
         return Block.concat(blocks, self.schema)
 
 
-register(
-    Backend(
-        "arrow",
-        ArrowWriter,
-        ArrowReader,
-        defaults={"compression": "zstd", "batch_positions": 65536},
-    )
+BACKEND = Backend(
+    "arrow",
+    ArrowWriter,
+    ArrowReader,
+    defaults={"compression": "zstd", "batch_positions": 65536},
 )
 
-__all__ = ["ArrowReader", "ArrowWriter", "arrow_schema"]
+__all__ = ["BACKEND", "ArrowReader", "ArrowWriter", "arrow_schema"]

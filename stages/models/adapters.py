@@ -2,7 +2,7 @@
 LMs and any ``module:factory``.
 
     model = load_model("path/to/teacher", device)   # built-in folder/.pt, HF folder, or mod:fn
-    h = model.hidden(input_ids, position_ids, segment_ids)  # (B, T, C)  when model.has_head
+    h = model.hidden(input_ids, position_ids, segment_ids, valid)  # (B, T, C) if model.has_head
     logits = model.head(h)                                  # (B, T, V)
     logits = model.logits(input_ids, ...)                   # (B, T, V)  always
 
@@ -20,10 +20,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,62 +35,41 @@ BUILTIN_WEIGHTS = "model.pt"  # a built-in GPT folder: model.pt + tokenizer.json
 
 @dataclass
 class CausalLM:
-    """A loaded causal LM and what kdcache needs to know about it."""
+    """A loaded causal LM and what kdcache needs to know about it; one subclass per kind
+    (``BuiltinLM``, ``HFLM``, ``FactoryLM``), each saying how to run its model.
 
+    ``valid`` (B, T) bool marks the real positions of a padded batch; ``position_ids`` and
+    ``segment_ids`` (B, T) restart at each document of a packed row (None: not packed)."""
+
+    kind: ClassVar[str]
     name: str  # what the user passed
-    kind: str  # "builtin" | "hf" | "factory"
     module: nn.Module
     vocab_size: int  # output size V
     max_positions: int | None  # context length, None if unknown
     tokenizer_path: Path | None  # its own tokenizer, if it ships one
     weight_files: list[Path] = field(default_factory=list)
     _packing: bool | None = None
-    _head_exact: bool | None = None
 
     @property
     def has_head(self) -> bool:
-        """Whether ``head(hidden(x))`` are the model's logits (probed once for Hugging Face)."""
-        if self.kind != "hf":
-            return self.kind == "builtin"
-        if self._head_exact is None:
-            self._head_exact = _probe_head(self)
-        return self._head_exact
+        """Whether ``head(hidden(x))`` are the model's logits: then the caller applies the head a
+        chunk of positions at a time (no (B, T, V) float32 logits at once)."""
+        return False
 
     @property
-    def head_module(self) -> nn.Linear:
-        if self.kind == "builtin":
-            return self.module.lm_head
-        return self.module.get_output_embeddings()
+    def head_module(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} hands over logits, not a head")
 
-    def hidden(
-        self, input_ids, position_ids=None, segment_ids=None, attention_mask=None
-    ) -> torch.Tensor:
-        """Final hidden states (B, T, C) before the output head."""
-        if self.kind == "builtin":
-            return self.module.hidden_states(
-                input_ids, position_ids=position_ids, segment_ids=segment_ids
-            )
-        kwargs = _hf_mask_kwargs(position_ids, segment_ids, attention_mask)
-        out = self.module.base_model(input_ids=input_ids, **kwargs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    def hidden(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        """Final hidden states (B, T, C) before the output head (``has_head`` models)."""
+        raise NotImplementedError(f"{type(self).__name__} hands over logits, not hidden states")
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head_module(hidden)
 
-    def logits(
-        self, input_ids, position_ids=None, segment_ids=None, attention_mask=None
-    ) -> torch.Tensor:
+    def logits(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
         """Logits (B, T, V)."""
-        if self.kind == "builtin":
-            return self.module(input_ids, position_ids=position_ids, segment_ids=segment_ids)
-        if self.kind == "hf":
-            kwargs = _hf_mask_kwargs(position_ids, segment_ids, attention_mask)
-            return self.module(input_ids=input_ids, **kwargs).logits
-        kwargs = {}
-        if segment_ids is not None:
-            kwargs = {"position_ids": position_ids, "segment_ids": segment_ids}
-        out = self.module(input_ids, **kwargs)
-        return out.logits if hasattr(out, "logits") else out
+        raise NotImplementedError
 
     def supports_packing(self, seq_len: int) -> bool:
         """Whether packed documents of up to ``seq_len`` tokens get exactly the logits they get
@@ -99,29 +80,109 @@ class CausalLM:
 
     def fingerprint(self) -> dict:
         """name + kind + sha256 of the weight files (or of the state dict for a factory)."""
+        digest = hashlib.sha256()
         if self.weight_files:
-            digest = hashlib.sha256()
             for f in sorted(self.weight_files):
                 digest.update(f.name.encode() + b"\0" + file_sha256(f).encode())
-            h = digest.hexdigest()
         else:
-            digest = hashlib.sha256()
             for key, t in sorted(self.module.state_dict().items()):
-                digest.update(
-                    key.encode()
-                    + b"\0"
-                    + t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )
-            h = digest.hexdigest()
+                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                digest.update(key.encode() + b"\0" + data.tobytes())
         return {
             "name": Path(self.name).name or self.name,
             "kind": self.kind,
-            "sha256": h,
+            "sha256": digest.hexdigest(),
             "vocab_size": self.vocab_size,
         }
 
+    def save(self, folder: Path) -> None:
+        """The trained model as a folder its own kind loads again."""
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.module.state_dict(), folder / "state_dict.pt")
 
-def _hf_mask_kwargs(position_ids, segment_ids, attention_mask) -> dict:
+
+class BuiltinLM(CausalLM):
+    """kdcache's built-in GPT (kdcache.stages.models.gpt): takes position and segment ids."""
+
+    kind = "builtin"
+
+    @property
+    def has_head(self) -> bool:
+        return True
+
+    @property
+    def head_module(self) -> nn.Module:
+        return self.module.lm_head
+
+    def hidden(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        return self.module.hidden_states(
+            input_ids, position_ids=position_ids, segment_ids=segment_ids
+        )
+
+    def logits(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        return self.module(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+
+    def supports_packing(self, seq_len: int) -> bool:
+        return True  # segment ids reset its attention; tested in tests/stages/test_gpt.py
+
+    def save(self, folder: Path) -> None:
+        from kdcache.stages.models.gpt import save_checkpoint
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.module, folder / BUILTIN_WEIGHTS)
+
+
+class HFLM(CausalLM):
+    """A Hugging Face causal LM: padding masks, or packed rows through restarting position ids
+    (``_hf_mask_kwargs``); its head is used alone unless its forward changes the head's output."""
+
+    kind = "hf"
+    _head_exact: bool | None = None
+
+    @property
+    def has_head(self) -> bool:
+        """Probed once: Gemma 2 soft-caps, Cohere and Granite scale the head's output."""
+        if self._head_exact is None:
+            self._head_exact = _probe_head(self)
+        return self._head_exact
+
+    @property
+    def head_module(self) -> nn.Module:
+        return self.module.get_output_embeddings()
+
+    def hidden(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        kwargs = _hf_mask_kwargs(position_ids, segment_ids, valid)
+        out = self.module.base_model(input_ids=input_ids, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        kwargs = _hf_mask_kwargs(position_ids, segment_ids, valid)
+        return self.module(input_ids=input_ids, **kwargs).logits
+
+    def save(self, folder: Path) -> None:
+        self.module.save_pretrained(folder)
+
+
+class FactoryLM(CausalLM):
+    """Any ``module:factory``: a module mapping ids (B, T) to logits (B, T, V); packed rows
+    only if its forward takes ``position_ids`` and ``segment_ids``."""
+
+    kind = "factory"
+
+    def logits(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
+        kwargs = {}
+        if segment_ids is not None:
+            kwargs = {"position_ids": position_ids, "segment_ids": segment_ids}
+        out = self.module(input_ids, **kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def supports_packing(self, seq_len: int) -> bool:
+        if "segment_ids" not in inspect.signature(self.module.forward).parameters:
+            return False
+        return super().supports_packing(seq_len)
+
+
+def _hf_mask_kwargs(position_ids, segment_ids, valid) -> dict:
     """Keyword arguments of a Hugging Face forward. Packed rows (segment_ids given) pass only
     position_ids that restart at every document, and no attention mask: transformers then
     builds the model's own mask (causal, sliding window, chunked) intersected with the
@@ -132,8 +193,8 @@ def _hf_mask_kwargs(position_ids, segment_ids, attention_mask) -> dict:
     if segment_ids is not None:
         kwargs["position_ids"] = position_ids
         return kwargs
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
+    if valid is not None:
+        kwargs["attention_mask"] = valid.long()
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     return kwargs
@@ -173,12 +234,6 @@ def _probe_packing(model: CausalLM, seq_len: int) -> bool:
     """Two documents packed into one row must give the logits each gives alone. The second is
     longer than the model's sliding window (where the row has room): a mask that loses the
     window only shows on a document longer than it."""
-    if model.kind == "builtin":
-        return True
-    if model.kind == "factory":
-        params = inspect.signature(model.module.forward).parameters
-        if "segment_ids" not in params:
-            return False
     first = next(model.module.parameters(), None)  # a factory model may have no parameters
     device = first.device if first is not None else torch.device("cpu")
     window = sliding_window(model.module) or 0
@@ -224,9 +279,7 @@ def file_sha256(path: Path) -> str:
     memo[key] = h.hexdigest()
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_durable(memo_path, json.dumps(memo).encode())
     except OSError:
         pass  # a read-only home only costs a rehash next time
     return memo[key]
@@ -262,9 +315,8 @@ def _load_builtin(spec: str, weights: Path, device) -> CausalLM:
 
     model, _ = load_checkpoint(weights, map_location=device)
     tok = weights.parent if (weights.parent / "tokenizer.json").is_file() else None
-    return CausalLM(
+    return BuiltinLM(
         name=spec,
-        kind="builtin",
         module=model.eval(),
         vocab_size=model.config.vocab_size,
         max_positions=model.config.block_size,
@@ -297,9 +349,8 @@ def _load_hf(spec: str, path: Path, device, dtype) -> CausalLM:
     weights = sorted(
         p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
     )
-    return CausalLM(
+    return HFLM(
         name=spec,
-        kind="hf",
         module=model,
         vocab_size=vocab,
         max_positions=max_pos,
@@ -331,9 +382,8 @@ def _load_factory(spec: str, device) -> CausalLM:
         raise ConfigError(
             f"{spec}: the model returned {type(out).__name__} for ids (1, 1); expected logits (B, T, V)"
         )
-    return CausalLM(
+    return FactoryLM(
         name=spec,
-        kind="factory",
         module=model,
         vocab_size=int(out.shape[-1]),
         max_positions=getattr(model, "max_positions", None),

@@ -1,0 +1,424 @@
+"""Stage one: run the teacher once over a dataset and write its top-k into a cache part.
+
+Reads top to bottom:
+
+1. ``CaptureConfig`` (kdcache.stages.capture.config) is validated completely (every problem at
+   once) before anything loads.
+2. ``load_session``: the tokenizer, then the teacher, loaded and checked against each other and
+   the config; the settings resolved; the cache identity built.
+3. ``capture_part``: the shard's documents planned into sequences and batches
+   (kdcache.stages.capture.plan), the part's writer opened (resume, lease).
+4. The hot loop (``_run_batches``): teacher body (bf16 autocast on CUDA), output head and top-k
+   extraction in float32 in chunks of positions (kdcache.stages.capture.extract), only (rows, k)
+   copied to the host; a writer thread behind a bounded queue builds sequences, compresses and
+   writes, so the teacher never waits for the disk.
+5. The part is committed (part.json last). Which process captures which part (one process, a
+   SLURM array task, a Dask worker) is the executors' business (kdcache.pipeline.executors).
+
+Resume: the part writer records what is durable after every flush (flushes happen at batch
+boundaries); a rerun skips those batches and repeats at most one flush interval of work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kdcache.stages.capture.config import MAX_DEFAULT_SEQ_LEN, CaptureConfig
+from kdcache.stages.capture.extract import (
+    NonFiniteLogitsError,
+    default_chunk_rows,
+    extract_from_logits,
+    extract_rows,
+    row_seeds,
+)
+from kdcache.stages.capture.plan import Planned, make_batches, plan_sequences
+from kdcache.stages.capture.sources import source_fingerprint
+from kdcache.stages.models.adapters import CausalLM, load_model
+from kdcache.stages.models.devices import pick_device, use_cpu_threads
+from kdcache.stages.models.tokenizer import TokenizerInfo, load_tokenizer
+from kdcache.storage.background import WriteBehind
+from kdcache.storage.errors import ConfigError
+from kdcache.storage.manifest import CacheIdentity, part_name, parts_dir
+from kdcache.storage.schema import CacheSchema, Sequence, transfer_id_dtype
+from kdcache.storage.writer import PartWriter, part_committed
+
+log = logging.getLogger(__name__)
+
+
+# -- the hot loop ---------------------------------------------------------------------------
+@dataclass
+class _Result:
+    batch: list[Planned]
+    rows_per_seq: list[int]
+    ids: torch.Tensor  # (n, k) on host
+    logprobs: torch.Tensor  # (n, k)
+    log_tail: torch.Tensor  # (n,)
+    finite: torch.Tensor  # (n,) bool
+    event: torch.cuda.Event | None = None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def batch_tensors(batch: list[Planned], pack: bool, targets_mask_only: bool) -> dict:
+    """The host tensors of one batch: ids (B, T) int64, valid (B, T) bool real positions, rows
+    (B, T) bool target rows, and (packed) segment_ids / position_ids restarting per document."""
+    B, T = len(batch), max(len(s.ids) for s in batch)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    rows = torch.zeros(B, T, dtype=torch.bool)
+    seg = torch.full((B, T), -1, dtype=torch.long) if pack else None
+    pos = torch.zeros(B, T, dtype=torch.long) if pack else None
+    for b, s in enumerate(batch):
+        n = len(s.ids)
+        ids[b, :n] = torch.from_numpy(s.ids)
+        valid[b, :n] = True
+        rows[b, :n] = torch.from_numpy(s.target_mask.astype(bool)) if targets_mask_only else True
+        if pack:
+            bounds = [*s.doc_starts.tolist(), n]
+            for d in range(len(bounds) - 1):
+                seg[b, bounds[d] : bounds[d + 1]] = d
+                pos[b, bounds[d] : bounds[d + 1]] = torch.arange(bounds[d + 1] - bounds[d])
+    return {"ids": ids, "valid": valid, "rows": rows, "segment_ids": seg, "position_ids": pos}
+
+
+@torch.inference_mode()
+def teacher_rows(
+    teacher: CausalLM,
+    batch: list[Planned],
+    device: torch.device,
+    cfg: CaptureConfig,
+    targets_mask_only: bool,
+):
+    """Run one batch; return (ids, logprobs, log_tail, finite) for its target rows, on the device."""
+    host = batch_tensors(batch, cfg.pack, targets_mask_only)
+    t = {k: None if v is None else v.to(device, non_blocking=True) for k, v in host.items()}
+    model_in = dict(position_ids=t["position_ids"], segment_ids=t["segment_ids"], valid=t["valid"])
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    chunk = cfg.chunk_rows or default_chunk_rows(device)
+    seeds = None
+    if cfg.targets == "sampled":  # draws seeded by (sample id, position) of each target row
+        sid = torch.tensor(np.array([s.sample_id for s in batch], np.uint64).view(np.int64))
+        where = host["rows"].nonzero()  # (n, 2) (sequence, position), the order of h[rows]
+        seeds = row_seeds(sid[where[:, 0]], where[:, 1]).to(device)
+    sampling = dict(seeds=seeds, proposal_temperature=cfg.proposal_temperature)
+    if teacher.has_head:
+        with autocast:
+            h = teacher.hidden(t["ids"], **model_in)  # (B, T, C)
+        head = teacher.head_module
+        tf32 = cfg.head_precision == "tf32"
+        out = extract_rows(h[t["rows"]], head.weight, head.bias, cfg.k, chunk, tf32, **sampling)
+    else:
+        with autocast:
+            logits = teacher.logits(t["ids"], **model_in)  # (B, T, V)
+        out = extract_from_logits(logits[t["rows"]], cfg.k, chunk, **sampling)
+    top_ids, lp, tail, finite = out
+    id_dtype = getattr(torch, transfer_id_dtype(teacher.vocab_size))  # exact, < int64's bytes
+    return top_ids.to(id_dtype), lp.to(getattr(torch, cfg.logprob_dtype)), tail, finite
+
+
+def _sequences(r: _Result) -> list[Sequence]:
+    """A batch's teacher results as the part's sequences (on the writer thread)."""
+    if r.event is not None:
+        r.event.synchronize()  # the device-to-host copies are done
+    finite, ids, lp, tail = (t.numpy() for t in (r.finite, r.ids, r.logprobs, r.log_tail))
+    start, seqs = 0, []
+    for s, n in zip(r.batch, r.rows_per_seq, strict=True):
+        if not finite[start : start + n].all():
+            bad = int(np.flatnonzero(~finite[start : start + n])[0])
+            raise NonFiniteLogitsError(
+                f"the teacher produced NaN or inf logits for sample {s.sample_id} (row {bad}); "
+                "check the teacher weights and dtype (try --device cpu to rule out bf16 overflow)"
+            )
+        seqs.append(
+            Sequence(
+                sample_id=s.sample_id,
+                input_ids=s.ids,
+                loss_mask=s.target_mask,
+                doc_starts=s.doc_starts,
+                topk_ids=ids[start : start + n],
+                topk_logprobs=lp[start : start + n],
+                log_tail=tail[start : start + n],
+            )
+        )
+        start += n
+    return seqs
+
+
+# -- the stage ------------------------------------------------------------------------------
+@dataclass
+class CaptureSummary:
+    """One part's capture. ``positions`` / ``sequences``: this run's teacher work (a resumed
+    run skips what was durable); ``part_positions`` / ``part_sequences``: the committed part."""
+
+    out: str
+    part: str
+    shard_index: int
+    num_shards: int
+    positions: int = 0
+    sequences: int = 0
+    part_positions: int = 0
+    part_sequences: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    finalized: bool = False
+    resumed_sequences: int = 0
+    details: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.positions / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        done = "; cache finalized" if self.finalized else ""
+        if self.skipped:
+            return f"{self.part}: already committed; nothing to do{done}"
+        bpp = self.bytes / self.part_positions if self.part_positions else 0.0
+        resumed = (
+            f" (resumed after {self.resumed_sequences:,} durable sequences; this run "
+            f"{self.positions:,} positions)"
+            if self.resumed_sequences
+            else ""
+        )
+        return (
+            f"{self.part}: {self.part_positions:,} positions in {self.part_sequences:,} sequences"
+            f"{resumed}, {self.bytes / 1e6:.1f} MB ({bpp:.1f} bytes/position), "
+            f"{self.tokens_per_second:,.0f} tokens/s, {self.seconds:.1f}s{done}"
+        )
+
+
+def load_teacher_and_tokenizer(
+    cfg: CaptureConfig, device: torch.device
+) -> tuple[CausalLM, TokenizerInfo]:
+    """Load both and check them against each other (before any teacher work)."""
+    teacher = load_model(cfg.teacher, device)
+    tok_path = cfg.tokenizer or teacher.tokenizer_path
+    if tok_path is None:
+        raise ConfigError(
+            f"the teacher {cfg.teacher} ships no tokenizer; pass --tokenizer (a tokenizer.json or a Hugging Face tokenizer folder)"
+        )
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size > teacher.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tok.vocab_size:,} tokens but the teacher outputs only {teacher.vocab_size:,}; "
+            "use the teacher's own tokenizer (leave out --tokenizer)"
+        )
+    if cfg.k > teacher.vocab_size:
+        option = "--samples" if cfg.targets == "sampled" else "--k"  # sampled: k is the draws
+        raise ConfigError(
+            f"{option} {cfg.k} exceeds the teacher's vocabulary of {teacher.vocab_size:,}; use "
+            f"{option} <= {teacher.vocab_size}"
+        )
+    return teacher, tok
+
+
+@dataclass
+class CaptureSession:
+    """The teacher and tokenizer loaded once, with everything resolved that every part shares.
+
+    One process (or one Dask worker) builds it once and captures any number of parts with it:
+    ``capture_part(session, shard)``."""
+
+    cfg: CaptureConfig  # resolved: seq_len, stride, head_precision, num_shards
+    device: torch.device
+    teacher: CausalLM
+    tok: TokenizerInfo
+    identity: CacheIdentity
+
+    @property
+    def num_shards(self) -> int:
+        return self.cfg.num_shards
+
+
+def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
+    """Validate, load the teacher and tokenizer on cfg.device, resolve the settings."""
+    cfg.validate()
+    device = pick_device(cfg.device)
+    teacher, tok = load_teacher_and_tokenizer(cfg, device)
+
+    context = teacher.max_positions
+    seq_len = cfg.seq_len or min(context or MAX_DEFAULT_SEQ_LEN, MAX_DEFAULT_SEQ_LEN)
+    if context is not None and seq_len > context:
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds the teacher's context of {context} tokens; use --seq-len <= {context}"
+        )
+    stride = seq_len // 2 if cfg.stride is None else cfg.stride
+    if stride > seq_len:  # validate() checks this only when --seq-len is given
+        raise ConfigError(
+            f"--stride {stride} exceeds the sequence length {seq_len} (the teacher's context); "
+            f"windows would skip tokens: use --stride <= {seq_len}"
+        )
+    if cfg.pack and not teacher.supports_packing(seq_len):
+        raise ConfigError(
+            f"--pack needs a teacher that keeps packed documents apart; {cfg.teacher} gave other "
+            "logits for a packed document than for the document alone (a Hugging Face model needs "
+            "transformers >= 4.54, which builds the packed mask from position ids); drop --pack"
+        )
+    head_precision = cfg.head_precision
+    if head_precision == "auto" or device.type != "cuda":  # tf32 exists on CUDA only
+        head_precision = "tf32" if device.type == "cuda" else "float32"
+    resolved_cfg = replace(
+        cfg,
+        seq_len=seq_len,
+        stride=stride,
+        num_shards=num_shards,
+        head_precision=head_precision,
+        cpu_threads=use_cpu_threads(cfg.cpu_threads, device),
+    )
+    settings = resolved_cfg.stored_settings()
+    data_fp = {
+        "sources": source_fingerprint(Path(cfg.data)),
+        "settings": {**settings, "add_bos": tok.add_bos},
+    }
+    data_fp["sha256"] = hashlib.sha256(repr(sorted(data_fp.items())).encode()).hexdigest()
+    schema = CacheSchema(
+        k=cfg.k,
+        vocab_size=teacher.vocab_size,
+        logprob_dtype=cfg.logprob_dtype,
+        targets_on="mask" if cfg.targets_on == "assistant" else "all",
+        targets=cfg.targets,
+        codec=cfg.codec,
+        proposal_temperature=float(cfg.proposal_temperature),
+    )
+    identity = CacheIdentity(
+        backend=cfg.backend,
+        schema=schema,
+        fingerprints={
+            "teacher": teacher.fingerprint(),
+            "tokenizer": {
+                "sha256": tok.fingerprint,
+                "vocab_size": tok.vocab_size,
+                # the name, not the path: a resume or another shard may spell the path otherwise
+                "name": Path(tok.path).name if tok.path else None,
+            },
+            "data": data_fp,
+        },
+        settings=settings,
+        num_shards=num_shards,
+    )
+    return CaptureSession(resolved_cfg, device, teacher, tok, identity)
+
+
+def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
+    """Capture part ``shard`` whole (or resume it, or skip it if committed). Never finalizes.
+
+    The one per-part function of every executor: one process, a SLURM array task, a Dask
+    worker. Holds the part's lease while writing, so a second writer of the part is refused."""
+    cfg, num_shards = session.cfg, session.num_shards
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"shard {shard} does not exist: expected 0 <= shard < {num_shards}")
+    resolved = {**asdict(cfg), "shard_index": shard}
+    name = part_name(shard)
+    summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
+    if part_committed(parts_dir(Path(cfg.out)) / name):
+        summary.skipped = True
+        return summary
+    # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
+    batches = [
+        b
+        for _, group in plan_sequences(cfg, session.tok, shard, num_shards, cfg.seq_len, cfg.stride)
+        for b in make_batches(group, cfg.batch_tokens)
+    ]
+    if not batches and num_shards == 1:
+        raise ConfigError(
+            f"--data {cfg.data} gave no sequence to capture: every document is shorter than 2 "
+            "tokens; expected at least one document with something to predict"
+        )
+    if not batches:  # more shards than document groups: an empty part, committed like any other
+        log.info(
+            "%s: shard %d of %d got no document; committing an empty part", name, shard, num_shards
+        )
+    writer = PartWriter(
+        Path(cfg.out),
+        session.identity,
+        shard_index=shard,
+        config=resolved,
+        flush_positions=cfg.flush_positions,
+        lease_seconds=cfg.lease_seconds,
+        lease_wait=cfg.lease_wait,
+    )
+    if writer.committed:  # another writer finished it while this one waited for the lease
+        summary.skipped = True
+        return summary
+    try:
+        _run_batches(session.teacher, batches, writer, session.device, cfg, summary)
+        t_commit = time.perf_counter()
+        record = writer.commit(
+            {"capture": {"device": str(session.device), "loop_seconds": summary.seconds}}
+        )
+    except BaseException:
+        writer.release()  # what was flushed stays durable: a rerun resumes at once
+        raise
+    summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
+    summary.bytes = record["bytes"]
+    summary.part_positions = record["counts"]["positions"]
+    summary.part_sequences = record["counts"]["sequences"]
+    return summary
+
+
+def _run_batches(
+    teacher, batches, writer: PartWriter, device, cfg: CaptureConfig, summary: CaptureSummary
+) -> None:
+    done = writer.resume_sequences
+    summary.resumed_sequences = done
+    first = 0
+    while done > 0 and first < len(batches):
+        done -= len(batches[first])
+        first += 1
+    if done != 0:
+        raise ConfigError(
+            f"{writer.dir}: its durable {writer.resume_sequences} sequences end inside a batch of this run's plan; "
+            "the data changed since it was written: pass --replace to start the part over"
+        )
+    todo = batches[first:]
+    mask_only = cfg.targets_on == "assistant"
+    behind = WriteBehind(lambda r: writer.add(_sequences(r)))  # sequences, zstd, fsync
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=sum(len(s.ids) for b in todo for s in b),
+        unit="tok",
+        unit_scale=True,
+        desc=f"capture {writer.name}",
+        disable=not cfg.progress,
+    )
+    try:
+        for batch in todo:
+            behind.put(_run_batch(teacher, batch, device, cfg, mask_only))
+            n = sum(len(s.ids) for s in batch)
+            summary.positions += n
+            summary.sequences += len(batch)
+            bar.update(n)
+        behind.finish()
+    except BaseException:
+        behind.abandon()
+        raise
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+
+
+def _run_batch(teacher, batch: list[Planned], device, cfg: CaptureConfig, mask_only: bool):
+    """One batch through the teacher; its results on their way to the host (``_Result``)."""
+    top_ids, lp, tail, finite = teacher_rows(teacher, batch, device, cfg, mask_only)
+    rows = [int(s.target_mask.sum()) if mask_only else len(s.ids) for s in batch]
+    result = _Result(batch, rows, *(_to_host(t) for t in (top_ids, lp, tail, finite)))
+    if device.type == "cuda":
+        result.event = torch.cuda.Event()
+        result.event.record()
+    return result
