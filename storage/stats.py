@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,21 @@ def _kept_ids(ids: np.ndarray, lp: np.ndarray, schema: CacheSchema) -> np.ndarra
     return np.where(keep, ids64, schema.vocab_size).reshape(-1)
 
 
+def _compute(graph: tuple, workers: int) -> tuple:
+    """dask.compute on ``workers`` threads of a pool of our own, joined before returning or
+    raising: a failed chunk must not leave other chunks' reads running while the process exits
+    (zarr's event loop would print tracebacks into the one-line error)."""
+    import dask
+
+    if workers == 1:
+        return dask.compute(*graph, scheduler="synchronous")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdcache-stats")
+    try:
+        return dask.compute(*graph, scheduler="threads", pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _quantiles(counts: np.ndarray, edges: np.ndarray) -> dict[str, float]:
     """Quantiles from a histogram, linear inside a bin (error at most one bin width)."""
     n = counts.sum()
@@ -92,14 +108,12 @@ def cache_stats(
     top-k entries decoded per task (memory ~ 40 bytes each per worker); workers: threads
     (1: the synchronous scheduler; default min(4, CPUs)).
     """
-    import dask
     import dask.array as da
 
     cache = CacheReader(root)
     schema, vocab = cache.schema, cache.vocab_size
     ent_max = math.log(schema.k + 1) * (1 + 1e-9)
     workers = workers or min(4, os.cpu_count() or 1)
-    scheduler = "synchronous" if workers == 1 else "threads"
     n = 0
     mass_h, ent_h = np.zeros(MASS_BINS, np.int64), np.zeros(ENTROPY_BINS, np.int64)
     sums = np.zeros(3)
@@ -127,7 +141,7 @@ def cache_stats(
             da.bincount(kept, minlength=vocab + 1)[:vocab],
         )
         try:
-            results = dask.compute(*graph, scheduler=scheduler, num_workers=workers)
+            results = _compute(graph, workers)
         except KDCacheError:
             raise
         except (ValueError, RuntimeError, OSError) as e:  # zarr: a chunk's crc32c, zstd, ...
