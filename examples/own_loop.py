@@ -15,9 +15,7 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kdcache.stages.train.dataset import Batch, CacheBatches
-from kdcache.stages.train.losses import build_loss, chunked_loss
-from kdcache.storage.reader import CacheReader
+from kdcache import Batch, CacheBatches, CacheReader, build_loss, chunked_loss
 
 
 def step(model: GPT2LMHeadModel, loss_fn, batch: Batch) -> torch.Tensor:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import ConfigError
 
 Split = Literal["train", "heldout", "all"]
@@ -193,12 +194,9 @@ def corpus_fingerprint(
 
 
 def _write_jsonl(file: Path, documents: list[CorpusDocument]) -> None:
-    partial = file.with_name(file.name + ".partial")
-    with open(partial, "w", encoding="utf-8", newline="\n") as f:
-        for doc in documents:
-            # ensure_ascii (the default) keeps every line free of raw U+2028-style separators
-            f.write(json.dumps({"text": doc.text, "source": doc.source}) + "\n")
-    os.replace(partial, file)
+    # ensure_ascii (the default) keeps every line free of raw U+2028-style separators
+    lines = (json.dumps({"text": doc.text, "source": doc.source}) + "\n" for doc in documents)
+    write_durable(file, "".join(lines).encode("utf-8"))
 
 
 def write_corpus(
@@ -224,7 +222,5 @@ def write_corpus(
             "file": f"{split}.jsonl",
             **corpus_fingerprint(split, **settings, documents=docs),
         }
-    partial = folder / "corpus.json.partial"
-    partial.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, folder / "corpus.json")
+    write_durable(folder / "corpus.json", (json.dumps(description, indent=2) + "\n").encode())
     return description

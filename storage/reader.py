@@ -208,7 +208,3 @@ def _merge_codec_error(parts: list[dict]) -> dict | None:
         "kl_p99": max(e["kl_p99"] for e in errs),
         "kl_max": max(e["kl_max"] for e in errs),
     }
-
-
-def open_cache(root: str | Path) -> CacheReader:
-    return CacheReader(root)

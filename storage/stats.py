@@ -22,7 +22,7 @@ import numpy as np
 
 from kdcache.storage.codecs import get_codec
 from kdcache.storage.errors import IntegrityError, KDCacheError
-from kdcache.storage.reader import CacheReader
+from kdcache.storage.reader import CacheReader, DecodedPart
 from kdcache.storage.schema import Block, CacheSchema
 
 MASS_BINS = 1000  # top-k mass histogram over [0, 1]
@@ -60,6 +60,35 @@ def _kept_ids(ids: np.ndarray, lp: np.ndarray, schema: CacheSchema) -> np.ndarra
     stored = dataclasses.replace(Block.empty(schema), topk_ids=ids, topk_logprobs=lp)
     ids64, keep = get_codec(schema.codec).entry_ids(stored)
     return np.where(keep, ids64, schema.vocab_size).reshape(-1)
+
+
+def _part_graph(part: DecodedPart, schema: CacheSchema, chunk_entries: int, ent_max: float):
+    """(target rows, then the dask reductions of one part: mass histogram, entropy histogram,
+    (mass, entropy, entries) sums, top-1 id counts, every stored id's counts); None when empty."""
+    import dask.array as da
+
+    vocab = schema.vocab_size
+    ids, lp, tail = part.stored.topk_arrays(chunk_entries)
+    if ids.shape[0] == 0:
+        return None
+    rows = da.map_blocks(
+        _row_stats,
+        ids,
+        lp,
+        tail[:, None],  # (R, 1): the same row chunks as ids
+        schema=schema,
+        dtype=np.float64,
+        chunks=(ids.chunks[0], (ROW_STATS,)),
+    )  # (R, 4)
+    kept = da.map_blocks(_kept_ids, ids, lp, schema=schema, dtype=np.int64).ravel()
+    return (  # float rounding can put a mass a hair above 1: clip into the histograms
+        int(rows.shape[0]),
+        da.histogram(rows[:, 0].clip(0.0, 1.0), bins=MASS_BINS, range=(0.0, 1.0))[0],
+        da.histogram(rows[:, 1].clip(0.0, ent_max), bins=ENTROPY_BINS, range=(0.0, ent_max))[0],
+        rows[:, :3].sum(axis=0),
+        da.bincount(rows[:, 3].astype(np.int64), minlength=vocab),
+        da.bincount(kept, minlength=vocab + 1)[:vocab],
+    )
 
 
 def _compute(graph: tuple, workers: int) -> tuple:
@@ -108,7 +137,6 @@ def cache_stats(
     top-k entries decoded per task (memory ~ 40 bytes each per worker); workers: threads
     (1: the synchronous scheduler; default min(4, CPUs)).
     """
-    import dask.array as da
 
     cache = CacheReader(root)
     schema, vocab = cache.schema, cache.vocab_size
@@ -120,28 +148,11 @@ def cache_stats(
     top1, topk = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
     for p in range(cache.num_parts):  # one graph per part: an error names its part
         part = cache.part(p)
-        ids, lp, tail = part.stored.topk_arrays(chunk_entries)
-        if ids.shape[0] == 0:
+        graph = _part_graph(part, schema, chunk_entries, ent_max)
+        if graph is None:
             continue
-        rows = da.map_blocks(
-            _row_stats,
-            ids,
-            lp,
-            tail[:, None],  # (R, 1): the same row chunks as ids
-            schema=schema,
-            dtype=np.float64,
-            chunks=(ids.chunks[0], (ROW_STATS,)),
-        )  # (R, 4)
-        kept = da.map_blocks(_kept_ids, ids, lp, schema=schema, dtype=np.int64).ravel()
-        graph = (  # float rounding can put a mass a hair above 1: clip into the histograms
-            da.histogram(rows[:, 0].clip(0.0, 1.0), bins=MASS_BINS, range=(0.0, 1.0))[0],
-            da.histogram(rows[:, 1].clip(0.0, ent_max), bins=ENTROPY_BINS, range=(0.0, ent_max))[0],
-            rows[:, :3].sum(axis=0),
-            da.bincount(rows[:, 3].astype(np.int64), minlength=vocab),
-            da.bincount(kept, minlength=vocab + 1)[:vocab],
-        )
         try:
-            results = _compute(graph, workers)
+            results = _compute(graph[1:], workers)
         except KDCacheError:
             raise
         except (ValueError, RuntimeError, OSError) as e:  # zarr: a chunk's crc32c, zstd, ...
@@ -151,7 +162,7 @@ def cache_stats(
             ) from e
         for acc, r in zip((mass_h, ent_h, sums, top1, topk), results):
             acc += r
-        n += int(rows.shape[0])
+        n += graph[0]
     mass_edges = np.linspace(0.0, 1.0, MASS_BINS + 1)
     ent_edges = np.linspace(0.0, ent_max, ENTROPY_BINS + 1)
     mass_q, ent_q = _quantiles(mass_h, mass_edges), _quantiles(ent_h, ent_edges)

@@ -1,7 +1,9 @@
-"""The wheel holds every module of the three top-level folders, under kdcache.*."""
+"""The wheel holds every module of the three top-level folders under kdcache.*, and the facade
+as kdcache/__init__.py; every import path README and examples/ use works."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -38,9 +40,50 @@ def test_wheel_contains_every_module(tmp_path):
         for p in (ROOT / top).rglob("*.py")
         if "__pycache__" not in p.parts
     }
+    expected.add("kdcache/__init__.py")  # facade/__init__.py: the package itself
     assert expected, "no modules found"
     missing = sorted(expected - names)
     assert not missing, f"modules missing from the wheel: {missing}"
-    assert not any(n.startswith(("storage/", "stages/", "pipeline/", "tests/")) for n in names)
+    tops = ("storage/", "stages/", "pipeline/", "facade/", "tests/")
+    assert not any(n.startswith(tops) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "kdcache = kdcache.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def documented_imports() -> list[str]:
+    """Every ``from kdcache... import ...`` and ``import kdcache...`` line of README.md's and
+    docs/'s Python blocks and of examples/*.py."""
+    texts = [(ROOT / "README.md").read_text()] + [
+        p.read_text() for p in (ROOT / "docs").glob("*.md")
+    ]
+    lines = [
+        line.strip()
+        for text in texts
+        for block in text.split("```python")[1:]
+        for line in block.split("```")[0].splitlines()
+    ]
+    lines += [
+        line.strip()
+        for p in (ROOT / "examples").glob("*.py")
+        for line in p.read_text().splitlines()
+    ]
+    return sorted({x for x in lines if re.match(r"(from kdcache[\w.]* import |import kdcache)", x)})
+
+
+def test_every_documented_import_works():
+    imports = documented_imports()
+    assert any(x.startswith("from kdcache import") for x in imports), imports
+    for line in imports:
+        exec(line, {})  # raises ImportError / AttributeError if a documented path broke
+
+
+def test_the_facade_and_the_old_paths_name_the_same_objects():
+    import kdcache
+    from kdcache.stages.dataset import CacheBatches  # the paths of earlier READMEs
+    from kdcache.stages.losses import build_loss, chunked_loss
+    from kdcache.storage.reader import CacheReader
+
+    assert kdcache.CacheBatches is CacheBatches and kdcache.CacheReader is CacheReader
+    assert kdcache.build_loss is build_loss and kdcache.chunked_loss is chunked_loss
+    for name in kdcache.__all__:
+        assert getattr(kdcache, name) is not None, name

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdcache.stages.capture.extract import HEAD_PRECISIONS
 from kdcache.stages.models.devices import device_problem
 from kdcache.storage.backends import BACKENDS, DEFAULT_BACKEND
 from kdcache.storage.codecs import CODECS
@@ -18,6 +17,10 @@ from kdcache.storage.schema import LOGPROB_DTYPES, TARGET_KINDS
 from kdcache.storage.writer import DEFAULT_FLUSH_POSITIONS
 
 TARGETS_ON = ("all", "assistant")  # every row, or only the assistant tokens of chat data
+# How the output head multiplies (kdcache.stages.capture.extract): float32, tf32 tensor cores
+# (CUDA only: several times faster, log-probs within ~1e-3), or auto (tf32 on CUDA).
+HEAD_PRECISIONS = ("auto", "float32", "tf32")
+DEFAULT_SAMPLES = 16  # --targets sampled: draws per position (the CLI's --samples sets k)
 MAX_DEFAULT_SEQ_LEN = 2048
 
 

@@ -13,10 +13,6 @@ import torch.nn.functional as F
 from kdcache.storage.codecs import count_logprobs
 from kdcache.storage.errors import KDCacheError
 
-# How the output head multiplies: float32, tf32 tensor cores (CUDA only: several times faster,
-# log-probs within ~1e-3), or auto (tf32 on CUDA, float32 elsewhere).
-HEAD_PRECISIONS = ("auto", "float32", "tf32")
-
 
 class NonFiniteLogitsError(KDCacheError):
     """The teacher produced NaN or inf logits."""

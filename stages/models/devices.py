@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from kdcache.storage.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 
@@ -20,6 +23,8 @@ def use_cpu_threads(threads: int | None, device: torch.device) -> int | None:
     """Set (and return) the torch threads of a CPU capture: ``threads``, or torch's current
     count. None on CUDA: the GPU's results do not depend on the host's threads. Called in every
     thread that runs the teacher (OpenMP's count is per thread)."""
+    import torch
+
     if device.type != "cpu":
         return None
     threads = threads or torch.get_num_threads()
@@ -28,6 +33,8 @@ def use_cpu_threads(threads: int | None, device: torch.device) -> int | None:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import ConfigError, FormatVersionError
 
 CHECKPOINT_FORMAT = "kdcache-gpt"
@@ -247,9 +248,7 @@ def save_checkpoint(model: GPT, path: str | os.PathLike, **extra: Any) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)  # never leave a half-written file under the final name
+    write_durable(path, lambda f: torch.save(payload, f))  # never half a file under the name
     return path
 
 

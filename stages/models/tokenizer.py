@@ -23,6 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import ConfigError
 
 ENDOFTEXT = "<|endoftext|>"  # the built-in tokenizer's only special token: id 0, BOS and EOS
@@ -220,9 +221,7 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerInfo:
 
 
 def _write_atomic(file: Path, text: str) -> None:
-    partial = file.with_name(file.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, file)
+    write_durable(file, text.encode("utf-8"))
 
 
 def save_tokenizer(tok: Tokenizer | TokenizerInfo, folder: str | os.PathLike) -> Path:

@@ -40,7 +40,7 @@ from train_helpers import (
 )
 
 from kdcache.pipeline.cli import main as cli_main
-from kdcache.pipeline.cli import train as train_command
+from kdcache.pipeline.cli.train import train as train_command
 from kdcache.pipeline.executors import run_capture
 from kdcache.stages.capture import CaptureConfig
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
