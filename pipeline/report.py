@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.pipeline.report_render import KEPT, markdown, write_plots
+from kdcache.stages.train import rundir
 from kdcache.storage.durable import read_json
 from kdcache.storage.errors import ConfigError
 
@@ -46,15 +47,15 @@ class MissingMetricsError(ConfigError):
 def load_run(run: Path) -> dict:
     """metrics.json, config.json and eval.tsv of one ``kdcache train`` run."""
     run = Path(run)
-    metrics = read_json(run / "metrics.json")
+    metrics = read_json(run / rundir.METRICS)
     if metrics is None:
         raise MissingMetricsError(
             f"run {run} has no metrics.json (not a finished `kdcache train` run); finish it or leave it out"
         )
-    saved = read_json(run / "config.json") or {}
+    saved = read_json(run / rundir.CONFIG) or {}
     history = []
-    if (run / "eval.tsv").is_file():
-        with open(run / "eval.tsv") as f:
+    if (run / rundir.EVAL).is_file():
+        with open(run / rundir.EVAL) as f:
             history = [
                 {"step": int(r["step"]), "ce": float(r["eval_ce"])}
                 for r in csv.DictReader(f, delimiter="\t")
@@ -240,7 +241,7 @@ def build_report(
             caches[cache] = cache_cost(cache)
         loss = loss_label(r["config"])
         hard = loss == "ce"
-        inference, nbytes = speed(r["path"] / "student")
+        inference, nbytes = speed(r["path"] / rundir.STUDENT)
         rows[name] = {
             "role": "hard labels" if hard else "distilled",
             "student": r["config"]["student"],
@@ -304,7 +305,7 @@ def build_report(
     return report
 
 
-METRICS = "metrics.json"  # the numbers of report.json that runs are compared by (DVC metrics)
+METRICS = "metrics.json"  # OUT/: the numbers of report.json runs are compared by (DVC metrics)
 METRIC_FIELDS = (
     "heldout_ce",
     "perplexity",
