@@ -71,12 +71,7 @@ def live_lease(part_dir: Path) -> dict | None:
     probe = Lease(part_dir)
     gens = probe._generations()
     record = probe._read(gens[-1]) if gens else None
-    if record is None or float(record.get("expires_at", 0)) <= time.time():
-        return None
-    o = record.get("owner") or {}
-    if o.get("host") == probe.owner["host"] and isinstance(o.get("pid"), int):
-        return record if _pid_alive(o["pid"]) else None
-    return record
+    return record if record is not None and probe._is_live(record, own_process="alive") else None
 
 
 def _iso(t: float) -> str:
@@ -160,10 +155,13 @@ class Lease:
             f"{who}, live until {_iso(float(record.get('expires_at', 0)))} ({left:.0f}s from now)"
         )
 
-    def _is_live(self, record: dict) -> bool:
+    def _is_live(self, record: dict, *, own_process: str = "take over") -> bool:
+        """Whether the lease a record describes is live for this writer. ``own_process``: a
+        lease of this very process counts as free to "take over" (an abandoned writer object)
+        or, for a look from outside ("alive"), as live while it lasts."""
         o = record.get("owner") or {}
         if o.get("host") == self.owner["host"] and isinstance(o.get("pid"), int):
-            if o["pid"] == self.owner["pid"]:
+            if o["pid"] == self.owner["pid"] and own_process == "take over":
                 # This process opened the part before (an abandoned writer object): the newest
                 # writer of a process wins and the older one stops at its next flush.
                 log.warning("%s: taking over this process's earlier writer", self.dir.name)

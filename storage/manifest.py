@@ -35,6 +35,7 @@ from kdcache.storage.errors import (
     NotACacheError,
     NotFinalizedError,
 )
+from kdcache.storage.lease import Lease, live_lease
 from kdcache.storage.schema import FORMAT_NAME, FORMAT_VERSION, CacheSchema
 
 MANIFEST = "manifest.json"
@@ -319,8 +320,6 @@ def missing_parts(root: Path, records: dict[str, dict], num_shards: int) -> str 
     """What is missing before a cache of ``num_shards`` parts can be finalized, in one line (None
     when every part is committed): each missing part in progress (its live writer named),
     interrupted (its writer is gone: rerun that shard) or not started."""
-    from kdcache.storage.lease import Lease, live_lease
-
     missing = [i for i in range(num_shards) if part_name(i) not in records]
     if not missing:
         return None

@@ -39,6 +39,51 @@ def transfer_id_dtype(vocab_size: int) -> str:
     return "int16" if vocab_size <= 2**15 else "int32"
 
 
+def target_problems(
+    *,
+    targets: str,
+    codec: str,
+    logprob_dtype: str,
+    proposal_temperature: float,
+    names: dict[str, str] | None = None,
+) -> list[str]:
+    """What is wrong with how a cache would store its targets: the kind, the codec, the log-prob
+    type and the proposal temperature, alone and together. The one set of rules behind both
+    ``CacheSchema`` (``names`` None: field names) and ``kdcache cache``'s early checks (``names``:
+    field -> option, so messages name the options)."""
+    names = names or {}
+
+    def name(field: str) -> str:
+        return names.get(field, field)
+
+    p = []
+    if logprob_dtype not in LOGPROB_DTYPES:
+        p.append(f"{name('logprob_dtype')} must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
+    if targets not in TARGET_KINDS:
+        p.append(f"{name('targets')} must be one of {TARGET_KINDS}, got {targets!r}")
+    if codec not in CODECS:
+        p.append(f"{name('codec')} must be one of {tuple(CODECS)}, got {codec!r}")
+    if codec == "sorted-counts" and targets != "sampled":
+        p.append(
+            f"the sorted-counts codec stores sampled targets, found {name('targets')}={targets!r}; "
+            "use --targets sampled or a sorted-qB codec"
+        )
+    tau = proposal_temperature
+    if not isinstance(tau, int | float) or not tau > 0:
+        p.append(f"{name('proposal_temperature')} must be > 0, got {tau!r}")
+    elif tau != 1.0 and targets != "sampled":
+        p.append(
+            f"{name('proposal_temperature')} {tau} applies to --targets sampled only; add "
+            "--targets sampled or drop it"
+        )
+    elif tau != 1.0 and codec == "sorted-counts":
+        p.append(
+            f"the sorted-counts codec stores whole counts, found {name('proposal_temperature')} "
+            f"{tau} (importance weights); use a sorted-qB codec or proposal temperature 1"
+        )
+    return p
+
+
 @dataclass(frozen=True)
 class CacheSchema:
     """What every part of one cache stores; recorded in each part record and the manifest.
@@ -70,34 +115,14 @@ class CacheSchema:
             problems.append(
                 f"k={self.k} exceeds the vocabulary size {self.vocab_size}; use --k <= {self.vocab_size}"
             )
-        if self.logprob_dtype not in LOGPROB_DTYPES:
-            problems.append(
-                f"logprob_dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}"
-            )
         if self.targets_on not in TARGETS_ON:
             problems.append(f"targets_on must be one of {TARGETS_ON}, got {self.targets_on!r}")
-        if self.targets not in TARGET_KINDS:
-            problems.append(f"targets must be one of {TARGET_KINDS}, got {self.targets!r}")
-        if self.codec not in CODECS:
-            problems.append(f"codec must be one of {tuple(CODECS)}, got {self.codec!r}")
-        if self.codec == "sorted-counts" and self.targets != "sampled":
-            problems.append(
-                f"the sorted-counts codec stores sampled targets, found targets={self.targets!r}; "
-                "use --targets sampled or a sorted-qB codec"
-            )
-        tau = self.proposal_temperature
-        if not isinstance(tau, int | float) or not tau > 0:
-            problems.append(f"proposal_temperature must be > 0, got {tau!r}")
-        elif tau != 1.0 and self.targets != "sampled":
-            problems.append(
-                f"proposal_temperature {tau} applies to sampled targets only, found targets="
-                f"{self.targets!r}; use --targets sampled or drop --proposal-temperature"
-            )
-        elif tau != 1.0 and self.codec == "sorted-counts":
-            problems.append(
-                f"the sorted-counts codec stores whole counts, found proposal_temperature {tau} "
-                "(importance weights); use a sorted-qB codec or proposal temperature 1"
-            )
+        problems += target_problems(
+            targets=self.targets,
+            codec=self.codec,
+            logprob_dtype=self.logprob_dtype,
+            proposal_temperature=self.proposal_temperature,
+        )
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -11,7 +11,7 @@ from kdcache.pipeline.executors import EXECUTORS
 from kdcache.stages.capture.config import (
     DEFAULT_SAMPLES,
     HEAD_PRECISIONS,
-    TARGETS_ON,
+    TARGETS_ON_OPTIONS,
     CaptureConfig,
 )
 from kdcache.storage.backends import BACKENDS
@@ -85,7 +85,7 @@ def _shard_index(value: str) -> int | str:
 )
 @click.option(
     "--targets-on",
-    type=click.Choice(TARGETS_ON),
+    type=click.Choice(TARGETS_ON_OPTIONS),
     default=CaptureConfig.targets_on,
     show_default=True,
     help="Rows that get targets: every position, or only assistant tokens of chat data (stored only for those rows).",

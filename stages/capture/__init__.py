@@ -10,7 +10,7 @@ Which process captures which part is the executors' business (kdcache.pipeline.e
 Stage two never imports this package.
 """
 
-from kdcache.stages.capture.config import TARGETS_ON, CaptureConfig
+from kdcache.stages.capture.config import TARGETS_ON_OPTIONS, CaptureConfig
 from kdcache.stages.capture.plan import sample_id
 from kdcache.stages.capture.run import (
     CaptureSession,
@@ -21,7 +21,7 @@ from kdcache.stages.capture.run import (
 )
 
 __all__ = [
-    "TARGETS_ON",
+    "TARGETS_ON_OPTIONS",
     "CaptureConfig",
     "CaptureSession",
     "CaptureSummary",

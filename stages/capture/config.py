@@ -9,14 +9,15 @@ from pathlib import Path
 
 from kdcache.stages.models.devices import device_problem
 from kdcache.storage.backends import BACKENDS, DEFAULT_BACKEND
-from kdcache.storage.codecs import CODECS
 from kdcache.storage.errors import ConfigError
 from kdcache.storage.lease import DEFAULT_LEASE_SECONDS
 from kdcache.storage.paths import is_within, output_problem
-from kdcache.storage.schema import LOGPROB_DTYPES, TARGET_KINDS
+from kdcache.storage.schema import target_problems
 from kdcache.storage.writer import DEFAULT_FLUSH_POSITIONS
 
-TARGETS_ON = ("all", "assistant")  # every row, or only the assistant tokens of chat data
+# --targets-on: every row, or only the assistant tokens of chat data (stored as the schema's
+# targets_on "all" / "mask")
+TARGETS_ON_OPTIONS = ("all", "assistant")
 # How the output head multiplies (kdcache.stages.capture.extract): float32, tf32 tensor cores
 # (CUDA only: several times faster, log-probs within ~1e-3), or auto (tf32 on CUDA).
 HEAD_PRECISIONS = ("auto", "float32", "tf32")
@@ -73,23 +74,18 @@ class CaptureConfig:
             p.append(
                 f"--stride {self.stride} exceeds --seq-len {self.seq_len}; windows would skip tokens"
             )
-        if self.targets not in TARGET_KINDS:
-            p.append(f"--targets must be one of {TARGET_KINDS}, got {self.targets!r}")
-        if not self.proposal_temperature > 0:
-            p.append(f"--proposal-temperature must be > 0, got {self.proposal_temperature}")
-        elif self.proposal_temperature != 1.0 and self.targets != "sampled":
-            p.append(
-                f"--proposal-temperature {self.proposal_temperature} applies to --targets sampled "
-                "only; add --targets sampled or drop it"
-            )
-        if self.targets_on not in TARGETS_ON:
-            p.append(f"--targets-on must be one of {TARGETS_ON}, got {self.targets_on!r}")
+        p += target_problems(
+            targets=self.targets,
+            codec=self.codec,
+            logprob_dtype=self.logprob_dtype,
+            proposal_temperature=self.proposal_temperature,
+            names={f: "--" + f.replace("_", "-") for f in ("targets", "codec", "logprob_dtype")}
+            | {"proposal_temperature": "--proposal-temperature"},
+        )
+        if self.targets_on not in TARGETS_ON_OPTIONS:
+            p.append(f"--targets-on must be one of {TARGETS_ON_OPTIONS}, got {self.targets_on!r}")
         if self.backend not in BACKENDS:
             p.append(f"--backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
-        if self.logprob_dtype not in LOGPROB_DTYPES:
-            p.append(f"--logprob-dtype must be one of {LOGPROB_DTYPES}, got {self.logprob_dtype!r}")
-        if self.codec not in CODECS:
-            p.append(f"--codec must be one of {tuple(CODECS)}, got {self.codec!r}")
         if self.num_shards is not None and self.num_shards < 1:
             p.append(f"--num-shards must be >= 1, got {self.num_shards}")
         if (

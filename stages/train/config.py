@@ -21,7 +21,7 @@ class TrainConfig:
         str  # built-in size name (nano, micro, ...), HF folder, built-in checkpoint, module:factory
     )
     out: str
-    loss: str = "forward_kl"
+    loss: str = DEFAULT_LOSS
     alpha: float | None = None  # alpha * KD + (1 - alpha) * CE
     temperature: float = 1.0
     k: int | None = None  # use the first k' <= k cached entries

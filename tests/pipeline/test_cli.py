@@ -10,7 +10,7 @@ import pytest
 
 from kdcache.pipeline.cli import COMMANDS, main
 from kdcache.pipeline.executors import EXECUTORS
-from kdcache.stages.capture.config import HEAD_PRECISIONS, TARGETS_ON, CaptureConfig
+from kdcache.stages.capture.config import HEAD_PRECISIONS, TARGETS_ON_OPTIONS, CaptureConfig
 from kdcache.stages.train.config import TrainConfig
 from kdcache.stages.train.losses import LOSSES
 from kdcache.storage.backends import BACKENDS
@@ -21,7 +21,7 @@ REGISTRIES = {  # (command, option) -> the values its implementation accepts
     ("cache", "backend"): list(BACKENDS),
     ("cache", "codec"): list(CODECS),
     ("cache", "targets"): list(TARGET_KINDS),
-    ("cache", "targets_on"): list(TARGETS_ON),
+    ("cache", "targets_on"): list(TARGETS_ON_OPTIONS),
     ("cache", "logprob_dtype"): list(LOGPROB_DTYPES),
     ("cache", "head_precision"): list(HEAD_PRECISIONS),
     ("cache", "executor"): list(EXECUTORS),

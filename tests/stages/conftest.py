@@ -69,26 +69,29 @@ def gpt_teacher(save_teacher) -> Path:
     return save_teacher(model, "gpt-teacher")
 
 
+def save_hf_teacher(folder: Path, tok_dir: Path, model) -> Path:
+    """A random Hugging Face model saved (save_pretrained) with the test tokenizer next to it."""
+    model.eval().save_pretrained(folder)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / file, folder / file)
+    return folder
+
+
+# Random Hugging Face teachers share this: wide logits (a well-defined top-k ranking) and the
+# test tokenizer's special id.
+HF_COMMON = dict(initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+
+
 @pytest.fixture(scope="session")
 def hf_teacher(tmp_path_factory, tok_dir) -> Path:
     """A random Hugging Face GPT-2 folder (save_pretrained) with the test tokenizer in it."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=CONTEXT,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        initializer_range=0.3,  # wide logits: a well-defined top-k ranking
-        bos_token_id=0,
-        eos_token_id=0,
+        vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2, **HF_COMMON
     )
-    folder = tmp_path_factory.mktemp("hf-teacher")
-    transformers.GPT2LMHeadModel(config).eval().save_pretrained(folder)
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / file, folder / file)
-    return folder
+    model = transformers.GPT2LMHeadModel(config)
+    return save_hf_teacher(tmp_path_factory.mktemp("hf-teacher"), tok_dir, model)
 
 
 @pytest.fixture(scope="session")
@@ -106,12 +109,7 @@ def mistral_teacher(tmp_path_factory, tok_dir) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=CONTEXT,
         sliding_window=8,
-        initializer_range=0.3,
-        bos_token_id=0,
-        eos_token_id=0,
+        **HF_COMMON,
     )
-    folder = tmp_path_factory.mktemp("mistral-teacher")
-    transformers.MistralForCausalLM(config).eval().save_pretrained(folder)
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / file, folder / file)
-    return folder
+    model = transformers.MistralForCausalLM(config)
+    return save_hf_teacher(tmp_path_factory.mktemp("mistral-teacher"), tok_dir, model)
