@@ -4,7 +4,7 @@ Each room's commands live in their own module, loaded when the command runs (so 
 inspect`` never imports torch):
 
     capture.py   kdcache cache                      (stage one)
-    train.py     kdcache train                      (stage two)
+    train.py     kdcache train, export              (stage two)
     storage.py   inspect, verify, stats, finalize, convert
     demo.py      prepare, teacher-train, demo, report
 
@@ -25,6 +25,7 @@ from kdcache.storage.errors import KDCacheError
 COMMANDS = {  # name -> module of kdcache.pipeline.cli defining it (as the function of that name)
     "cache": "capture",
     "train": "train",
+    "export": "train",
     "prepare": "demo",
     "teacher-train": "demo",
     "demo": "demo",

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from kdcache.stages.train.config import TrainConfig
+from kdcache.stages.train.distributed import PARALLEL
 from kdcache.stages.train.losses import LOSSES
 
 
@@ -28,7 +29,7 @@ from kdcache.stages.train.losses import LOSSES
     "--out",
     required=True,
     type=click.Path(path_type=Path),
-    help="Run directory: config.json, steps.tsv, eval.tsv, metrics.json, checkpoint.pt, student/.",
+    help="Run directory: config.json, steps.tsv, eval.tsv, metrics.json, checkpoints/, student/.",
 )
 @click.option(
     "--loss",
@@ -184,13 +185,32 @@ from kdcache.stages.train.losses import LOSSES
     "run is still resumed from its checkpoint); the DVC stage passes it.",
 )
 @click.option(
+    "--parallel",
+    type=click.Choice(PARALLEL),
+    default=TrainConfig.parallel,
+    show_default=True,
+    help="The engine under torchrun: ddp (a whole student per rank, gradients all-reduced "
+    "overlapping the backward pass, on the last accumulation micro-step only), fsdp (FSDP2: "
+    "parameters, gradients and AdamW state sharded over the ranks per transformer block, for a "
+    "student that does not fit one device; bf16 parameters on CUDA), auto (ddp if a replica "
+    "with its AdamW state fits in half a GPU, else fsdp; ddp on CPU), none (one process).",
+)
+@click.option(
+    "--activation-checkpointing",
+    is_flag=True,
+    default=TrainConfig.activation_checkpointing,
+    help="Recompute each transformer block's activations in the backward pass instead of "
+    "keeping them: much less memory for long sequences, about a third more compute.",
+)
+@click.option(
     "--no-progress", is_flag=True, help="No progress bar (the summary line is still printed)."
 )
 def train(**opts) -> None:
     """Train a student from CACHE alone: the teacher is never loaded.
 
-    Rerun the same command to resume from the last checkpoint. Under torchrun, every rank takes
-    its share of each global batch."""
+    Rerun the same command to resume from the last committed checkpoint (on any number of
+    ranks). Under torchrun (``torchrun --nproc_per_node 8 $(which kdcache) train ...``) every
+    rank takes its share of each global batch."""
     from kdcache.stages.train import TrainConfig, run_train
 
     opts["tokenizer_check"] = opts["tokenizer_check"] == "on"
@@ -212,3 +232,27 @@ def train(**opts) -> None:
         f"{opts['out']}: {m['steps']} steps{resumed}, {m['tokens']:,} tokens, "
         f"{m['tokens_per_second']:,.0f} tokens/s; {held_out}"
     )
+
+
+@click.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write the student to: a Hugging Face folder (save_pretrained) for a Hugging "
+    "Face student, a kdcache GPT folder for a built-in one.",
+)
+@click.option(
+    "--step",
+    type=int,
+    default=None,
+    help="The checkpoint's step (default: the newest committed one).",
+)
+def export(run: Path, out: Path, step: int | None) -> None:
+    """Write the student of RUN (a kdcache train folder) from its sharded checkpoint, on one
+    process, whatever number of ranks saved it."""
+    from kdcache.stages.train.rundir import export_student
+
+    folder = export_student(run, out, step)
+    click.echo(f"{out}: the student of {folder}")

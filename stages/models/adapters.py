@@ -78,6 +78,19 @@ class CausalLM:
             self._packing = _probe_packing(self, seq_len)
         return self._packing
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks (FSDP's units): the modules whose class the model names in
+        ``_no_split_modules`` (Hugging Face's list), else none."""
+        names = set(getattr(self.module, "_no_split_modules", None) or ())
+        return [m for m in self.module.modules() if type(m).__name__ in names]
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        raise ConfigError(
+            f"--activation-checkpointing needs a built-in or Hugging Face student, found "
+            f"{self.kind} {self.name}; drop the flag or checkpoint inside your factory's model"
+        )
+
     def fingerprint(self) -> dict:
         """name + kind + sha256 of the weight files (or of the state dict for a factory)."""
         digest = hashlib.sha256()
@@ -95,10 +108,11 @@ class CausalLM:
             "vocab_size": self.vocab_size,
         }
 
-    def save(self, folder: Path) -> None:
-        """The trained model as a folder its own kind loads again."""
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        """The trained model as a folder its own kind loads again; ``state_dict``: these
+        weights instead of the module's own (gathered from a sharded run)."""
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.module.state_dict(), folder / "state_dict.pt")
+        torch.save(state_dict or self.module.state_dict(), folder / "state_dict.pt")
 
 
 class BuiltinLM(CausalLM):
@@ -125,11 +139,17 @@ class BuiltinLM(CausalLM):
     def supports_packing(self, seq_len: int) -> bool:
         return True  # segment ids reset its attention; tested in tests/stages/test_gpt.py
 
-    def save(self, folder: Path) -> None:
+    def blocks(self) -> list[nn.Module]:
+        return list(self.module.blocks)
+
+    def enable_activation_checkpointing(self) -> None:
+        self.module.checkpointing = True
+
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
         from kdcache.stages.models.gpt import save_checkpoint
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.module, folder / BUILTIN_WEIGHTS)
+        save_checkpoint(self.module, folder / BUILTIN_WEIGHTS, state_dict=state_dict)
 
 
 class HFLM(CausalLM):
@@ -159,8 +179,13 @@ class HFLM(CausalLM):
         kwargs = _hf_mask_kwargs(position_ids, segment_ids, valid)
         return self.module(input_ids=input_ids, **kwargs).logits
 
-    def save(self, folder: Path) -> None:
-        self.module.save_pretrained(folder)
+    def enable_activation_checkpointing(self) -> None:
+        self.module.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+    def save(self, folder: Path, state_dict: dict | None = None) -> None:
+        self.module.save_pretrained(folder, state_dict=state_dict)
 
 
 class FactoryLM(CausalLM):

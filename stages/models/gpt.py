@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from kdcache.storage.durable import write_durable
 from kdcache.storage.errors import ConfigError, FormatVersionError
@@ -153,6 +154,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one (V, C) matrix
+        self.checkpointing = False  # activation checkpointing of the blocks (training)
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the stream stays O(1).
@@ -210,7 +212,10 @@ class GPT(nn.Module):
 
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, attn_mask)
+            if self.checkpointing and torch.is_grad_enabled():  # recompute in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
         return self.ln_f(x)  # (B, T, C)
 
     def forward(
@@ -226,8 +231,11 @@ class GPT(nn.Module):
 _RESERVED_KEYS = ("format", "version", "config", "state_dict")
 
 
-def save_checkpoint(model: GPT, path: str | os.PathLike, **extra: Any) -> Path:
-    """Write ``model`` (config + weights) and ``extra`` plain values to one file, atomically.
+def save_checkpoint(
+    model: GPT, path: str | os.PathLike, *, state_dict: dict | None = None, **extra: Any
+) -> Path:
+    """Write ``model`` (config + weights, or ``state_dict``'s weights: those gathered from a
+    sharded run) and ``extra`` plain values to one file, atomically.
 
     ``extra`` values should be plain Python values or tensors (step, optimizer state, losses...):
     ``load_checkpoint`` reads with ``weights_only=True``.
@@ -243,7 +251,7 @@ def save_checkpoint(model: GPT, path: str | os.PathLike, **extra: Any) -> Path:
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": asdict(model.config),
-        "state_dict": model.state_dict(),
+        "state_dict": state_dict if state_dict is not None else model.state_dict(),
         **extra,
     }
     path = Path(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kdcache.stages.train.distributed import PARALLEL
 from kdcache.stages.train.losses import LOSSES
 from kdcache.storage.errors import ConfigError
 from kdcache.storage.paths import is_within, output_problem
@@ -47,6 +48,8 @@ class TrainConfig:
     block_size: int | None = None  # context of a built-in student (default: longest sequence)
     replace: bool = False  # a run folder made with other settings: start it over
     progress: bool = True
+    parallel: str = "auto"  # under torchrun: ddp, fsdp, or auto (distributed.PARALLEL)
+    activation_checkpointing: bool = False  # recompute block activations in the backward
 
     def problems(self) -> list[str]:
         p = []
@@ -78,6 +81,8 @@ class TrainConfig:
             p.append(f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}")
         if self.lr <= 0:
             p.append(f"--lr must be > 0, got {self.lr}")
+        if self.parallel not in PARALLEL:
+            p.append(f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             p.append(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not Path(self.cache).exists():
@@ -107,8 +112,7 @@ class TrainConfig:
             "eval_batches",
             "checkpoint_every",
             "replace",
+            "parallel",  # a checkpoint resumes under any engine and rank count
+            "activation_checkpointing",
         )
         return {k: v for k, v in asdict(self).items() if k not in free}
-
-
-# -- student ---------------------------------------------------------------------------------

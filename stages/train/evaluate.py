@@ -29,7 +29,8 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        if batch.input_ids.shape[0] == 0:  # an empty slice of a short block (see batch_loss)
+        if batch.input_ids.shape[0] == 0:  # an empty slice of a short block: no rows, but
+            _join_collectives(student, device)  # the other ranks' sharded forward needs ours
             continue
         batch = batch.to(device)
         rows = batch.valid & batch.target_mask
@@ -76,6 +77,13 @@ def evaluate(student: CausalLM, batches, device, max_batches: int) -> dict:
         "top1_agreement": agree / max(n_kd, 1),
         "tokens": int(n_ce),
     }
+
+
+def _join_collectives(student: CausalLM, device) -> None:
+    """A forward on one dummy token: under FSDP every rank's blocks gather their weights
+    together, so a rank with nothing to evaluate still runs one."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    student.hidden(ids) if student.has_head else student.logits(ids)
 
 
 def heldout_batches(cfg: TrainConfig, rank: int = 0, world: int = 1) -> CacheBatches:

@@ -1,14 +1,16 @@
 """Stage two: train a student from the cache alone. The teacher is never loaded.
 
-Reads top to bottom: config (validated before anything loads) -> cache and student, checked
-against each other (tokenizer identity, vocabulary) -> data (shuffled batch blocks, exact
-resume) -> AdamW with warmup + cosine, clipping, accumulation, bf16 autocast on CUDA -> the
-loss from final hidden states and the head in chunks (students kdcache can reach) -> held-out
-evaluation -> checkpoints, ``steps.tsv`` / ``eval.tsv`` (DVC plots) and ``metrics.json``.
+Reads top to bottom (nanoGPT's train.py is the model): settings and cache checked before
+anything loads -> the process group (torchrun) -> the student, checked against the cache ->
+``DistillStep`` (the student and its loss in one module) under torch's engine (--parallel: none,
+DDP or FSDP2) -> data (shuffled batch blocks, each rank its slice, exact resume) -> AdamW with
+warmup + cosine -> resume from the newest committed checkpoint -> the loop: per optimizer step
+``grad_accum`` micro-batches, one all-reduce of the step's row counts, forward/backward (DDP
+syncs on the last micro-step only), clipping, the optimizer; logging, held-out evaluation and
+sharded checkpoints on their schedules -> the trained student and ``metrics.json``.
 
-Data parallel under torchrun: every rank takes its slice of each global batch; the loss is
-divided by the *global* row counts and gradients are summed, so N processes reach the
-parameters one process reaches with the same global batch.
+N ranks reach the parameters one process reaches with the same global batch: each micro-batch's
+loss is its rows' sum over the whole step's row count (``stages/train/step.py``).
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kdcache.stages.models.adapters import CausalLM
 from kdcache.stages.train.config import TrainConfig
 from kdcache.stages.train.dataset import Batch, CacheBatches
-from kdcache.stages.train.distributed import all_reduce_, init_distributed
+from kdcache.stages.train.distributed import (
+    all_reduce_,
+    gathered,
+    init_distributed,
+    no_sync,
+    parallelize,
+    resolve_parallel,
+)
 from kdcache.stages.train.evaluate import evaluate, heldout_batches
-from kdcache.stages.train.losses import Targets, build_loss, chunked_loss, loss_chunk_rows
+from kdcache.stages.train.losses import build_loss
 from kdcache.stages.train.rundir import (
     CONFIG,
     EVAL,
@@ -38,11 +46,13 @@ from kdcache.stages.train.rundir import (
     METRICS,
     STEPS,
     STEPS_HEADER,
+    load_checkpoint,
     resumable_state,
     save_checkpoint,
     save_student,
     truncate_log,
 )
+from kdcache.stages.train.step import DistillStep, batch_targets, step_norms
 from kdcache.stages.train.student import check_student, load_student
 from kdcache.storage.background import prefetch
 from kdcache.storage.durable import write_json_durable
@@ -52,35 +62,102 @@ from kdcache.storage.reader import CacheReader
 log = logging.getLogger(__name__)
 
 
-def batch_loss(
-    student: CausalLM, loss_fn, batch: Batch, cfg: TrainConfig, reduce_norms=None
-) -> torch.Tensor:
-    rows = batch.valid  # (B, T) every real position; the loss masks the rest
-    targets = batch.targets(rows, student.vocab_size)
-    if batch.input_ids.shape[0] == 0:
-        # This rank's slice of a short block is empty. No forward (Hugging Face models refuse
-        # an empty batch), but the same all-reduces of the row counts as the other ranks.
-        for n in loss_fn.normalizers(Targets(**targets), 0, batch.log_tail):
-            if n is not None and reduce_norms is not None:
-                reduce_norms(n)
-        return torch.zeros((), device=batch.input_ids.device, requires_grad=True)
-    if student.has_head:
-        h = student.hidden(**batch.lm_inputs())  # (B, T, C)
-        head = student.head_module
-        return chunked_loss(
-            loss_fn,
-            h[rows],
-            head,
-            chunk_size=cfg.chunk_rows or loss_chunk_rows(student.vocab_size),
-            reduce_norms=reduce_norms,
-            **targets,
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves besides the model and optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # micro-batches of this epoch already trained on
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: float = float("nan")
+    eval: dict | None = None
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """``kdcache train``: returns the final metrics (also written to RUN/metrics.json)."""
+    cfg.validate()
+    cache, loss_fn = open_cache(cfg)
+    rank, world, device = init_distributed(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be a multiple of ranks x --grad-accum = {world * cfg.grad_accum}"
         )
-    logits = student.logits(**batch.lm_inputs())[rows]  # (N, V)
-    t = Targets(**targets)
-    norms = loss_fn.normalizers(t, logits.shape[0], logits)
-    if reduce_norms is not None:
-        norms = tuple(None if n is None else reduce_norms(n) for n in norms)
-    return loss_fn.partial(logits, t, norms)
+    student, block_size = setup_student(cfg, cache, device)
+    mode = resolve_parallel(cfg.parallel, world, student.module, device)
+    scale = world if mode != "none" else 1  # DDP and FSDP average gradients over the ranks
+    step_module = DistillStep(student, loss_fn, chunk_rows=cfg.chunk_rows, grad_scale=scale)
+    model = parallelize(
+        step_module, student, mode, device, checkpointing=cfg.activation_checkpointing
+    )
+    model.train()
+    train_ds, eval_ds = setup_data(cfg, cache, rank, world)
+    opt, sched = build_optimizer(model, cfg)
+    out = Path(cfg.out)
+    run = resume(out, cfg, model, opt, sched, rank)
+    resumed_at = run.step
+    start_logs(out, cfg, run.step, rank)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and mode != "fsdp"
+    )
+    if rank == 0:
+        log.info("training %s under --parallel %s on %d rank(s)", cfg.student, mode, world)
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=run.step,
+        unit="step",
+        desc=f"train {Path(cfg.student).name}",
+        disable=not cfg.progress or rank != 0,
+    )
+    it = _epoch_iter(train_ds, run.epoch, run.consumed)
+    while run.step < cfg.steps:
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch, run.epoch, run.consumed, it = _next(train_ds, it, run.epoch, run.consumed)
+            batch = batch.to(device)
+            micro.append((batch, batch_targets(batch, student.vocab_size)))
+        norms = step_norms(loss_fn, micro, all_reduce_ if world > 1 else None)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for i, (batch, targets) in enumerate(micro):
+            with no_sync(model, last=i == len(micro) - 1), autocast:
+                loss = model(batch, targets, norms)
+            loss.backward()
+            loss_sum += loss.detach().float() / scale
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        sched.step()
+        tokens = sum(b.num_tokens for b, _ in micro)
+        totals = all_reduce_(
+            torch.stack(
+                [loss_sum.double(), torch.tensor(float(tokens), dtype=torch.float64, device=device)]
+            )
+        )
+        run.step += 1
+        run.loss, run.tokens = float(totals[0]), run.tokens + int(totals[1])
+        run.seconds += time.perf_counter() - t0
+        if rank == 0:
+            log_step(out, run, sched.get_last_lr()[0], bar)
+        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            run.eval = evaluate_now(model, student, eval_ds, device, cfg)
+            if rank == 0 and run.eval:
+                log_eval(out, run)
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            checkpoint(out, cfg, model, opt, sched, run, student, block_size, rank)
+    bar.close()
+    return finish(out, run, resumed_at, model, student, rank)
+
+
+def batch_loss(student: CausalLM, loss_fn, batch: Batch, cfg: TrainConfig) -> torch.Tensor:
+    """The loss of one batch on one process, as ``kdcache train`` computes it (a step of one
+    micro-batch): the batch's mean over its counted rows."""
+    step = DistillStep(student, loss_fn, chunk_rows=cfg.chunk_rows)
+    micro = [(batch, batch_targets(batch, student.vocab_size))]
+    return step(batch, micro[0][1], step_norms(loss_fn, micro))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -113,9 +190,8 @@ def _lr_lambda(cfg: TrainConfig):
     return lambda step: warmup_cosine(step, cfg.warmup, cfg.steps, min_ratio)
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    """``kdcache train``: returns the final metrics (also written to RUN/metrics.json)."""
-    cfg.validate()
+def open_cache(cfg: TrainConfig) -> tuple[CacheReader, torch.nn.Module]:
+    """The cache and the loss, checked against each other before anything heavy loads."""
     cache = CacheReader(cfg.cache)  # clear errors for a damaged / unfinalized / missing-part cache
     if cache.num_sequences == 0:
         raise ConfigError(f"--cache {cfg.cache} holds no sequences; capture some data first")
@@ -126,52 +202,64 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.eval_cache:
         _check_same_tokens(cache, CacheReader(cfg.eval_cache), cfg)
     if cache.schema.targets == "sampled":
-        if cfg.loss not in ("soft_ce", "ce"):
-            raise ConfigError(
-                f"--loss {cfg.loss} does not fit this cache's sampled targets (draws, not the "
-                "teacher's top-k); use --loss soft_ce (or ce)"
-            )
-        if cfg.temperature != 1.0 or cfg.k is not None:
-            raise ConfigError(
-                f"expected no --temperature or --k on a sampled cache, found temperature="
-                f"{cfg.temperature}, k={cfg.k}; drop them (the draws are stored at temperature 1)"
-            )
+        _check_sampled(cfg)
     loss_fn = build_loss(
         cfg.loss, temperature=cfg.temperature, k=cfg.k, alpha=cfg.alpha, beta=cfg.beta
     )
-    needs_tail = loss_fn.needs_tail  # Mixed carries its KD loss's
-    if needs_tail and cache.k >= cache.vocab_size:
-        log.info("k equals the vocabulary: the tail bucket is empty")
-    if needs_tail:
-        # Every capture stores log_tail (-inf when k = vocabulary); a cache written without a
-        # real one (NaN) would turn the loss into NaN at the first step. Checked on a sample.
-        tail = cache.block(0, min(cache.num_sequences, 64)).log_tail
-        if np.isnan(tail).any():
-            raise ConfigError(
-                f"--loss {cfg.loss} needs the teacher's tail mass, but the cache's log_tail holds "
-                f"NaN ({int(np.isnan(tail).sum())} of the first {tail.size} rows); "
-                "use --loss forward_kl (top-k only) or recapture"
-            )
+    if loss_fn.needs_tail:  # Mixed carries its KD loss's
+        _check_tail(cache, cfg)
     # No loss needs rows the cache lacks: with targets_on "mask" the top-k rows are exactly the
     # loss_mask rows, and both the KD losses and hard-label CE count only those rows.
-    out = Path(cfg.out)
-    rank, world, device = init_distributed(cfg.device)
-    if cfg.batch_size % (world * cfg.grad_accum):
+    return cache, loss_fn
+
+
+def _check_sampled(cfg: TrainConfig) -> None:
+    if cfg.loss not in ("soft_ce", "ce"):
         raise ConfigError(
-            f"--batch-size {cfg.batch_size} must be a multiple of ranks x --grad-accum = {world * cfg.grad_accum}"
+            f"--loss {cfg.loss} does not fit this cache's sampled targets (draws, not the "
+            "teacher's top-k); use --loss soft_ce (or ce)"
         )
+    if cfg.temperature != 1.0 or cfg.k is not None:
+        raise ConfigError(
+            f"expected no --temperature or --k on a sampled cache, found temperature="
+            f"{cfg.temperature}, k={cfg.k}; drop them (the draws are stored at temperature 1)"
+        )
+
+
+def _check_tail(cache: CacheReader, cfg: TrainConfig) -> None:
+    """Every capture stores log_tail (-inf when k = vocabulary); a cache written without a real
+    one (NaN) would turn the loss into NaN at the first step. Checked on a sample."""
+    if cache.k >= cache.vocab_size:
+        log.info("k equals the vocabulary: the tail bucket is empty")
+    tail = cache.block(0, min(cache.num_sequences, 64)).log_tail
+    if np.isnan(tail).any():
+        raise ConfigError(
+            f"--loss {cfg.loss} needs the teacher's tail mass, but the cache's log_tail holds "
+            f"NaN ({int(np.isnan(tail).sum())} of the first {tail.size} rows); "
+            "use --loss forward_kl (top-k only) or recapture"
+        )
+
+
+def setup_student(cfg: TrainConfig, cache: CacheReader, device) -> tuple[CausalLM, int]:
+    """The student (seeded), checked against the cache; and the context it was built for."""
     torch.manual_seed(cfg.seed)
     lengths_max = _longest(cache)
-    student = load_student(cfg, cache.vocab_size, cfg.block_size or lengths_max, device)
+    block_size = cfg.block_size or lengths_max
+    student = load_student(cfg, cache.vocab_size, block_size, device)
     check_student(student, cache, cfg)
+    student.has_head  # noqa: B018 -- probed now, before an engine wraps the model
     if student.max_positions is not None and lengths_max > student.max_positions:
         raise ConfigError(
             f"the cache holds sequences of {lengths_max} tokens but the student's context is {student.max_positions}; "
             "use a student with a longer context (--block-size for built-in students)"
         )
-    model = student.module
-    model.train()
+    return student, block_size
 
+
+def setup_data(
+    cfg: TrainConfig, cache: CacheReader, rank: int, world: int
+) -> tuple[CacheBatches, CacheBatches]:
+    """This rank's slices of the training batches and of the held-out ones."""
     micro = cfg.batch_size // cfg.grad_accum  # sequences per micro-batch over all ranks
     train_ds = CacheBatches(
         cfg.cache,
@@ -196,128 +284,92 @@ def run_train(cfg: TrainConfig) -> dict:
             f"{micro}, too few to hold out {cfg.eval_fraction:g} of them: lower --batch-size, "
             "or pass --eval-cache",
         )
+    return train_ds, eval_ds
 
-    opt, sched = build_optimizer(model, cfg)
 
-    step, epoch, consumed, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
-    loss_sum, last_eval = float("nan"), None
-    state = resumable_state(out, cfg, device, rank)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
-        tokens_seen, train_seconds = state["tokens"], state["seconds"]
-        loss_sum, last_eval = state.get("loss", float("nan")), state.get("eval")
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if rank == 0:
-            log.info("resuming %s at step %d", out, step)
+def resume(out: Path, cfg: TrainConfig, model, opt, sched, rank: int) -> Progress:
+    """The newest committed checkpoint's state loaded into model, optimizer and scheduler
+    (resharded to this run's ranks), and where the run stands; a fresh Progress if none."""
+    found = resumable_state(out, cfg, rank)
+    if found is None:
+        return Progress()
+    folder, meta = found
+    load_checkpoint(folder, model, opt)
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(meta["rng"]["torch"])
+    np.random.set_state(meta["rng"]["numpy"])
+    random.setstate(meta["rng"]["python"])
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_durable(out / CONFIG, {"config": asdict(cfg), "identity": cfg.identity()})
-        if step == 0:
-            (out / STEPS).write_text(STEPS_HEADER)
-            (out / EVAL).write_text(EVAL_HEADER)
-        else:  # the steps logged after the checkpoint are run again: drop their lines
-            truncate_log(out / STEPS, step)
-            truncate_log(out / EVAL, step)
-    params = sum(p.numel() for p in model.parameters())
-    resumed_at = step
-    reduce = all_reduce_ if world > 1 else None
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+        log.info("resuming %s at step %d", out, meta["progress"]["step"])
+    return Progress(**meta["progress"])
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        unit="step",
-        desc=f"train {Path(cfg.student).name}",
-        disable=not cfg.progress or rank != 0,
-    )
-    it = _epoch_iter(train_ds, epoch, consumed)
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_sum, step_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            batch, epoch, consumed, it = _next(train_ds, it, epoch, consumed)
-            batch = batch.to(device)
-            with autocast:
-                loss = batch_loss(student, loss_fn, batch, cfg, reduce) / cfg.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-            step_tokens += batch.num_tokens
-        if world > 1:
-            for p in model.parameters():
-                if p.requires_grad:
-                    if p.grad is None:  # unused on this rank: still add its zeros to the sum
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-            loss_sum = float(all_reduce_(torch.tensor(loss_sum, device=device)))
-            step_tokens = int(all_reduce_(torch.tensor(step_tokens, device=device)))
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        sched.step()
-        step += 1
-        tokens_seen += step_tokens
-        train_seconds += time.perf_counter() - t0
-        if rank == 0:
-            with open(out / STEPS, "a") as f:
-                f.write(
-                    f"{step}\t{loss_sum:.6f}\t{sched.get_last_lr()[0]:.3e}\t{tokens_seen}\t{train_seconds:.2f}\n"
-                )
-            bar.set_postfix(
-                loss=f"{loss_sum:.4f}", tok_s=f"{tokens_seen / max(train_seconds, 1e-9):,.0f}"
-            )
-            bar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval = (
-                evaluate(student, iter(eval_ds), device, cfg.eval_batches) if len(eval_ds) else None
-            )
-            if rank == 0 and last_eval:
-                with open(out / EVAL, "a") as f:
-                    f.write(
-                        f"{step}\t{last_eval['ce']:.6f}\t{last_eval['kl_topk']:.6f}\t{last_eval['top1_agreement']:.6f}\n"
-                    )
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            state = {
-                "identity": cfg.identity(),  # what a rerun must match to resume this state
-                "step": step,
-                "epoch": epoch,
-                "consumed": consumed,
-                "tokens": tokens_seen,
-                "seconds": train_seconds,
-                "loss": loss_sum,
-                "eval": last_eval,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                },
-            }
-            save_checkpoint(out, state)
-    bar.close()
-    metrics = {  # numbers only (DVC metrics); what was trained is in config.json
-        "params": params,
-        "steps": step,
-        "resumed_at_step": resumed_at,
-        "train_loss": loss_sum,
-        "tokens": tokens_seen,
-        "train_seconds": round(train_seconds, 3),
-        "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
-        "eval": last_eval,
+
+def start_logs(out: Path, cfg: TrainConfig, step: int, rank: int) -> None:
+    """config.json; steps.tsv and eval.tsv fresh, or cut back to the resumed step (the steps
+    logged after the checkpoint are run again)."""
+    if rank != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_durable(out / CONFIG, {"config": asdict(cfg), "identity": cfg.identity()})
+    if step == 0:
+        (out / STEPS).write_text(STEPS_HEADER)
+        (out / EVAL).write_text(EVAL_HEADER)
+    else:
+        truncate_log(out / STEPS, step)
+        truncate_log(out / EVAL, step)
+
+
+def log_step(out: Path, run: Progress, lr: float, bar) -> None:
+    with open(out / STEPS, "a") as f:
+        f.write(f"{run.step}\t{run.loss:.6f}\t{lr:.3e}\t{run.tokens}\t{run.seconds:.2f}\n")
+    bar.set_postfix(loss=f"{run.loss:.4f}", tok_s=f"{run.tokens / max(run.seconds, 1e-9):,.0f}")
+    bar.update(1)
+
+
+def evaluate_now(model, student: CausalLM, eval_ds: CacheBatches, device, cfg) -> dict | None:
+    if not len(eval_ds):
+        return None
+    with gathered(model):
+        return evaluate(student, iter(eval_ds), device, cfg.eval_batches)
+
+
+def log_eval(out: Path, run: Progress) -> None:
+    e = run.eval
+    with open(out / EVAL, "a") as f:
+        f.write(f"{run.step}\t{e['ce']:.6f}\t{e['kl_topk']:.6f}\t{e['top1_agreement']:.6f}\n")
+
+
+def checkpoint(out, cfg, model, opt, sched, run: Progress, student, block_size, rank) -> None:
+    """A sharded checkpoint of this step: every rank's shards, then the COMMITTED marker."""
+    meta = {
+        "identity": cfg.identity(),  # what a rerun must match to resume this state
+        "config": asdict(cfg),
+        "student": {"vocab_size": student.vocab_size, "block_size": block_size},
+        "progress": asdict(run),
+        "scheduler": sched.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
     }
+    save_checkpoint(out, run.step, model, opt, meta, rank)
+
+
+def finish(out: Path, run: Progress, resumed_at: int, model, student, rank: int) -> dict:
+    """The trained student (RUN/student/) and the final metrics (RUN/metrics.json)."""
+    metrics = {  # numbers only (DVC metrics); what was trained is in config.json
+        "params": sum(p.numel() for p in student.module.parameters()),
+        "steps": run.step,
+        "resumed_at_step": resumed_at,
+        "train_loss": run.loss,
+        "tokens": run.tokens,
+        "train_seconds": round(run.seconds, 3),
+        "tokens_per_second": run.tokens / max(run.seconds, 1e-9),
+        "eval": run.eval,
+    }
+    save_student(student, model, out, rank)
     if rank == 0:
-        save_student(student, out)
         write_json_durable(out / METRICS, metrics)
     return metrics
 

@@ -671,7 +671,7 @@ def chunked_loss(
     mask: Tensor | None = None,
     labels: Tensor | None = None,
     chunk_size: int = 1024,
-    reduce_norms: Callable[[Tensor], Tensor] | None = None,
+    norms: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """``loss(head(hidden), ...)`` without the full (N, V) logits or their gradient.
 
@@ -679,8 +679,9 @@ def chunked_loss(
     nn.Linear, or any module mapping (n, C) -> (n, V) row by row) or a weight tensor (V, C) with
     an optional ``bias`` (V,). The value and the gradients w.r.t. ``hidden`` and the head's
     parameters equal the unchunked computation; only ``chunk_size`` rows of logits are alive.
-    ``reduce_norms`` maps each local row count (the divisors of the means) to the global one
-    (an all-reduce under data parallelism), so summing the ranks' gradients gives the global mean.
+    ``norms`` are the divisors of the means (``loss.normalizers``) when the mean runs over more
+    rows than ``hidden`` holds: every micro-batch of an optimizer step on every rank
+    (kdcache.stages.train.step.step_norms); None: this call's rows alone.
     """
     if not isinstance(loss, _Loss):
         raise ConfigError(
@@ -718,9 +719,8 @@ def chunked_loss(
             f"{type(head).__name__}; pass model.lm_head"
         )
     targets = Targets(topk_ids, topk_logprobs, log_tail, mask, labels)
-    norms = loss.normalizers(targets, hidden.shape[0], hidden)
-    if reduce_norms is not None:  # data parallel: divide by the global row counts
-        norms = tuple(None if n is None else reduce_norms(n) for n in norms)
+    if norms is None:
+        norms = loss.normalizers(targets, hidden.shape[0], hidden)
 
     def run(h: Tensor, ps: Sequence[Tensor], needs: Sequence[bool]):
         return _run_chunks(loss, head_fn, h, ps, targets, norms, chunk_size, needs)

@@ -160,8 +160,8 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path):
     # An interrupted student stage resumes from its checkpoint (DVC keeps it: persist).
     TINY["students"]["kd-a"].update(steps=400, checkpoint_every=20)
     _params(repo)
-    ckpt = repo / "w/runs/kd-a/checkpoint.pt"
-    ckpt.unlink(missing_ok=True)
+    ckpts = repo / "w/runs/kd-a/checkpoints"
+    shutil.rmtree(ckpts, ignore_errors=True)
     victim = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", "student@kd-a"],
         cwd=repo,
@@ -171,7 +171,11 @@ def test_dvc_pipeline_reruns_exactly_what_changed(tmp_path):
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    while not ckpt.exists() and time.monotonic() < deadline and victim.poll() is None:
+    while (
+        not any(ckpts.glob("step-*/COMMITTED"))
+        and time.monotonic() < deadline
+        and victim.poll() is None
+    ):
         time.sleep(0.05)
     assert victim.poll() is None, "the student stage ended before it could be interrupted"
     os.killpg(victim.pid, signal.SIGKILL)

@@ -52,6 +52,8 @@ from kdcache.stages.models.tokenizer import (
 from kdcache.stages.train import TrainConfig, batch_loss, load_student, run_train
 from kdcache.stages.train.dataset import CacheBatches, collate
 from kdcache.stages.train.losses import build_loss
+from kdcache.stages.train.rundir import committed_checkpoints
+from kdcache.stages.train.step import DistillStep, batch_targets, step_norms
 from kdcache.storage.reader import CacheReader
 
 CPU = torch.device("cpu")
@@ -261,19 +263,11 @@ def test_two_ranks_reach_the_parameters_of_one_process(tmp_path):
         assert m1["eval"][key] == pytest.approx(m2["eval"][key], rel=1e-5, abs=1e-6)
 
 
-def recorder(seen: list[float]):
-    """A reduce_norms that records the counts it is given (a one-rank all-reduce)."""
-
-    def reduce(n: torch.Tensor) -> torch.Tensor:
-        seen.append(n.item())
-        return n
-
-    return reduce
-
-
-def test_an_empty_slice_joins_the_all_reduces_without_running_the_student(tmp_path):
-    # One sequence, two ranks: rank 0's slice is empty. A Hugging Face student refuses an empty
-    # batch, so batch_loss must not run it, yet make the all-reduces the other rank makes.
+def test_an_empty_slice_joins_every_collective_with_zero_gradients(tmp_path):
+    # One sequence, two ranks: rank 0's slice is empty. Under DDP / FSDP it must still run a
+    # forward (the other rank's reducer and all-gathers wait for it) and give every parameter a
+    # gradient, all zero, and add nothing to the step's row counts. Hugging Face models refuse
+    # an empty batch, so the forward is on one dummy token.
     cache = synthetic_cache(tmp_path / "c", [[6]])
     [empty] = CacheBatches(cache, batch_size=4, rank=0, world_size=2)
     [whole] = CacheBatches(cache, batch_size=4, rank=1, world_size=2)
@@ -283,14 +277,16 @@ def test_an_empty_slice_joins_the_all_reduces_without_running_the_student(tmp_pa
         cfg = config(cache, tmp_path / "run", student=str(student_dir), loss=loss, alpha=alpha)
         student = load_student(cfg, 64, 16, CPU)
         loss_fn = build_loss(loss, alpha=alpha)
-        counts: dict[str, list[float]] = {"empty": [], "whole": []}
-        for name, batch in (("empty", empty), ("whole", whole)):
-            value = batch_loss(student, loss_fn, batch, cfg, recorder(counts[name]))
-            value.backward()
-            if name == "empty":
-                assert value.item() == 0.0
-        assert len(counts["empty"]) == len(counts["whole"]) >= 1
-        assert counts["empty"] == [0.0] * len(counts["empty"])  # adds nothing to the sums
+        micro = [(b, batch_targets(b, 64)) for b in (empty, whole)]
+        norms_empty = step_norms(loss_fn, micro[:1])
+        norms_whole = step_norms(loss_fn, micro[1:])
+        assert len(norms_empty) == len(norms_whole) >= 1
+        assert all(n is None or n.item() == 0.0 for n in norms_empty)
+        value = DistillStep(student, loss_fn)(empty, micro[0][1], norms_whole)
+        value.backward()
+        assert value.item() == 0.0
+        params = list(student.module.parameters())
+        assert all(p.grad is not None and not p.grad.any() for p in params)
 
 
 # -- 4. resume --------------------------------------------------------------------------------
@@ -307,24 +303,22 @@ def test_crash_after_a_checkpoint_resumes_to_the_uninterrupted_run(
     opts = dict(steps=10, checkpoint_every=4, eval_every=3, grad_accum=2)
     run_train(config(resume_cache, tmp_path / "straight", **opts))
 
-    import kdcache.stages.train.loop as train_mod  # run_train calls its batch_loss
-
     calls = {"n": 0}
-    real = train_mod.batch_loss
+    real = DistillStep.forward
 
-    def dies_in_step_7(*args, **kwargs):
+    def dies_in_step_7(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 6 * 2:  # 2 micro-batches a step
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "batch_loss", dies_in_step_7)
+    monkeypatch.setattr(DistillStep, "forward", dies_in_step_7)
     run = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         run_train(config(resume_cache, run, **opts))
     assert len(step_rows(run)) == 6
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(train_mod, "batch_loss", real)
+    assert [p.name for p in committed_checkpoints(run)] == ["step-00000004"]
+    monkeypatch.setattr(DistillStep, "forward", real)
     metrics = run_train(config(resume_cache, run, **opts))
 
     assert_same_params(student_params(tmp_path / "straight"), student_params(run))
@@ -358,7 +352,7 @@ def test_killed_train_resumes_to_the_uninterrupted_run(resume_cache, tmp_path):
         def past_a_checkpoint() -> bool:
             steps = run / "steps.tsv"
             return (
-                (run / "checkpoint.pt").exists()
+                committed_checkpoints(run)
                 and steps.exists()
                 and (len(steps.read_text().splitlines()) >= 1 + 5)
             )
@@ -369,7 +363,7 @@ def test_killed_train_resumes_to_the_uninterrupted_run(resume_cache, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    saved = int(committed_checkpoints(run)[-1].name.removeprefix("step-"))
     assert 4 <= saved < 100, "killed too late: the run had finished"
     resumed = kdcache(*train_args(resume_cache, run, **opts))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
