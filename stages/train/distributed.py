@@ -52,6 +52,19 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (one process: [obj])."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

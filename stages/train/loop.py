@@ -30,12 +30,14 @@ from kdcache.stages.models.adapters import CausalLM
 from kdcache.stages.train.config import TrainConfig
 from kdcache.stages.train.dataset import Batch, CacheBatches
 from kdcache.stages.train.distributed import (
+    all_gather_objects,
     all_reduce_,
     gathered,
     init_distributed,
     no_sync,
     parallelize,
     resolve_parallel,
+    world_size,
 )
 from kdcache.stages.train.evaluate import evaluate, heldout_batches
 from kdcache.stages.train.losses import build_loss
@@ -95,7 +97,7 @@ def run_train(cfg: TrainConfig) -> dict:
     train_ds, eval_ds = setup_data(cfg, cache, rank, world)
     opt, sched = build_optimizer(model, cfg)
     out = Path(cfg.out)
-    run = resume(out, cfg, model, opt, sched, rank)
+    run = resume(out, cfg, model, opt, sched, rank, device)
     resumed_at = run.step
     start_logs(out, cfg, run.step, rank)
     autocast = torch.autocast(
@@ -287,7 +289,7 @@ def setup_data(
     return train_ds, eval_ds
 
 
-def resume(out: Path, cfg: TrainConfig, model, opt, sched, rank: int) -> Progress:
+def resume(out: Path, cfg: TrainConfig, model, opt, sched, rank: int, device) -> Progress:
     """The newest committed checkpoint's state loaded into model, optimizer and scheduler
     (resharded to this run's ranks), and where the run stands; a fresh Progress if none."""
     found = resumable_state(out, cfg, rank)
@@ -296,9 +298,7 @@ def resume(out: Path, cfg: TrainConfig, model, opt, sched, rank: int) -> Progres
     folder, meta = found
     load_checkpoint(folder, model, opt)
     sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(meta["rng"]["torch"])
-    np.random.set_state(meta["rng"]["numpy"])
-    random.setstate(meta["rng"]["python"])
+    set_rng_state(meta["rng"], rank, device)
     if rank == 0:
         log.info("resuming %s at step %d", out, meta["progress"]["step"])
     return Progress(**meta["progress"])
@@ -347,13 +347,32 @@ def checkpoint(out, cfg, model, opt, sched, run: Progress, student, block_size, 
         "student": {"vocab_size": student.vocab_size, "block_size": block_size},
         "progress": asdict(run),
         "scheduler": sched.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "rng": all_gather_objects(rng_state(block_device(student))),  # every rank's
     }
     save_checkpoint(out, run.step, model, opt, meta, rank)
+
+
+def block_device(student: CausalLM) -> torch.device:
+    return next(student.module.parameters()).device
+
+
+def rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    state["python"] = random.getstate()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(states: list[dict], rank: int, device) -> None:
+    """This rank's random state as saved: bit-exact on the same number of ranks; on another
+    number, each rank continues rank 0's (dropout masks then differ from an unbroken run)."""
+    state = states[rank] if len(states) == world_size() else states[0]
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def finish(out: Path, run: Progress, resumed_at: int, model, student, rank: int) -> dict:

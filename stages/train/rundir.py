@@ -132,11 +132,22 @@ def save_student(student: CausalLM, model: nn.Module, out: Path, rank: int) -> N
     if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 DTensors
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=options)  # a collective: every rank calls
-        state = {k.removeprefix("student."): v for k, v in full.items()}
-        if rank == 0:
+        if rank == 0:  # the only rank the gathered weights land on
+            for first, later in _tied(model):  # one tensor again, as in the module's state dict
+                full[later] = full[first]
+            state = {k.removeprefix("student."): v for k, v in full.items()}
             student.save(out / STUDENT, state_dict=state)
     elif rank == 0:
         student.save(out / STUDENT)
+
+
+def _tied(model: nn.Module) -> list[tuple[str, str]]:
+    """(first name, later name) of every parameter shared under several names (a head tied to
+    the embedding): a gathered state dict holds separate copies of them."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [(group[0], later) for group in names.values() for later in group[1:]]
 
 
 def export_student(run: Path, dest: Path, step: int | None = None) -> Path:

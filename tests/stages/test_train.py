@@ -26,12 +26,10 @@ from train_helpers import (
     assert_one_line_error,
     assert_same_params,
     config,
-    free_port,
     kdcache,
     kdcache_args,
     lengths,
     one_thread_env,
-    rank_env,
     step_rows,
     student_params,
     synthetic_cache,
@@ -221,48 +219,7 @@ def test_trains_from_the_cache_alone_with_the_teacher_moved_away(captured, tmp_p
     assert json.loads((run / "config.json").read_text())["config"]["steps"] == 5
 
 
-# -- 3. data parallel == one process ----------------------------------------------------------
-@pytest.mark.slow
-def test_two_ranks_reach_the_parameters_of_one_process(tmp_path):
-    # 21 sequences in parts of 9 and 12; micro-batches of 2 (batch 4, grad-accum 2): block
-    # [8, 9) holds one sequence, so one rank's slice of it is empty.
-    cache = synthetic_cache(tmp_path / "c", [lengths(9, seed=5), lengths(12, seed=6)], masked=True)
-    opts = dict(steps=6, batch_size=4, grad_accum=2, eval_every=3, eval_fraction=0.2, seed=1)
-    train_blocks = CacheBatches(cache, batch_size=2, seed=1, eval_fraction=0.2).blocks
-    assert (8, 9) in train_blocks and 6 * 2 > len(train_blocks)  # used, and a second epoch
-
-    one_process = cli(*train_args(cache, tmp_path / "one", **opts))
-    assert one_process.returncode == 0, one_process.stderr[-3000:]
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            kdcache_args(*train_args(cache, tmp_path / "two", **opts)),
-            env=rank_env(rank, 2, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert_same_params(student_params(tmp_path / "one"), student_params(tmp_path / "two"), 1e-5)
-    one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")
-    assert [r[3] for r in one] == [r[3] for r in two]  # tokens: the same global batches
-    np.testing.assert_allclose(
-        [float(r[1]) for r in one], [float(r[1]) for r in two], rtol=1e-5, atol=1e-6
-    )
-    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    for key in ("ce", "kl_topk", "top1_agreement"):
-        assert m1["eval"][key] == pytest.approx(m2["eval"][key], rel=1e-5, abs=1e-6)
-
-
+# -- 3. data parallel (more in test_parallel.py) ------------------------------------------
 def test_an_empty_slice_joins_every_collective_with_zero_gradients(tmp_path):
     # One sequence, two ranks: rank 0's slice is empty. Under DDP / FSDP it must still run a
     # forward (the other rank's reducer and all-gathers wait for it) and give every parameter a
