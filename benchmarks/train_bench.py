@@ -10,7 +10,8 @@ reader:   a 1,000,000-position cache (k=64, vocabulary 50,257, realistic synthet
           the positions/s one training step of the demo student consumes.
 step:     vocabulary 32,768, 2,048 positions per sequence, k=64; the same student and batch with
           (1) plain cross-entropy on full logits, (2) kdcache's chunked cross-entropy, (3) the
-          cached forward-KL loss (chunked). Each variant runs in its own process so its peak RSS
+          cached KD losses forward_kl, soft_ce and forward_kl_tail (chunked, through DistillStep,
+          the module kdcache train runs). Each variant runs in its own process so its peak RSS
           is its own.
 students: three students trained for the same steps (a) from one cache (capture time included)
           and (b) with the teacher running online (full-logit forward KL).
@@ -125,7 +126,7 @@ def _step_variant(
             loss="ce",
             chunk_rows=chunk_rows or None,
         )
-        loss_fn = build_loss("ce" if variant == "chunked_ce" else "forward_kl")
+        loss_fn = build_loss("ce" if variant == "chunked_ce" else variant)
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
         for i in range(steps + 1):
@@ -146,14 +147,18 @@ def _step_variant(
         return {
             "variant": variant,
             "seconds": statistics.median(times),
+            "spread": (min(times), max(times)),
             "peak_rss_mb": peak / 1024,
             "base_rss_mb": base_rss / 1024,
         }
 
 
+KD_LOSSES = ("forward_kl", "soft_ce", "forward_kl_tail")
+
+
 def bench_step(args) -> None:
     results = {}
-    for variant in ("plain_ce", "chunked_ce", "forward_kl"):
+    for variant in ("plain_ce", "chunked_ce", *KD_LOSSES):
         out = subprocess.run(
             [
                 sys.executable,
@@ -181,23 +186,26 @@ def bench_step(args) -> None:
         f"(T, V) logits tensor is {logits_mb:,.0f} MB:"
     )
     for name, r in results.items():
+        lo, hi = r["spread"]
         print(
-            f"  {name:>11}: {r['seconds'] * 1000:7.1f} ms/step, peak RSS {r['peak_rss_mb']:7.0f} MB "
+            f"  {name:>15}: {r['seconds'] * 1000:7.1f} ms/step (median of {args.steps}; "
+            f"{lo * 1000:.0f}-{hi * 1000:.0f}), peak RSS {r['peak_rss_mb']:7.0f} MB "
             f"(after setup {r['base_rss_mb']:.0f} MB)"
         )
-    for name in ("chunked_ce", "forward_kl"):
+    ce = results["chunked_ce"]
+    for name in ("chunked_ce", *KD_LOSSES):
         r = results[name]
         grown = r["peak_rss_mb"] - r["base_rss_mb"]
         print(
-            f"  {name:>11}: peak above setup {grown:,.0f} MB = {grown / logits_mb:.2f} x (T, V) logits"
+            f"  {name:>15}: peak above setup {grown:,.0f} MB = {grown / logits_mb:.2f} x (T, V) logits"
         )
-    kd, ce = results["forward_kl"], results["chunked_ce"]
-    print(
-        f"  cached KD / plain CE: time {kd['seconds'] / base['seconds']:.3f}x, peak memory {kd['peak_rss_mb'] / base['peak_rss_mb']:.3f}x"
-    )
-    print(
-        f"  cached KD / chunked CE: time {kd['seconds'] / ce['seconds']:.3f}x, peak memory {kd['peak_rss_mb'] / ce['peak_rss_mb']:.3f}x"
-    )
+    for name in KD_LOSSES:
+        kd = results[name]
+        print(
+            f"  {name} / plain CE: time {kd['seconds'] / base['seconds']:.3f}x, peak memory "
+            f"{kd['peak_rss_mb'] / base['peak_rss_mb']:.3f}x; / chunked CE: time "
+            f"{kd['seconds'] / ce['seconds']:.3f}x, peak memory {kd['peak_rss_mb'] / ce['peak_rss_mb']:.3f}x"
+        )
 
 
 def bench_students(args) -> None:

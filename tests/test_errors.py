@@ -107,6 +107,16 @@ CASES = [
         "train --cache c --student nano --out r --steps 1.5",
         "Invalid value for '--steps': '1.5' is not a valid integer",
     ),
+    (
+        "train-parallel",
+        "train --cache c --student nano --out r --parallel zero3",
+        "Invalid value for '--parallel': 'zero3' is not one of 'auto', 'none', 'ddp', 'fsdp'",
+    ),
+    (
+        "export-no-checkpoint",
+        "export c --out e",
+        "expected a committed checkpoint in c/checkpoints, found none",
+    ),
     ("unknown-option", "train --cache c --stepz 3", "No such option '--stepz'"),
     # -- storage commands
     (

@@ -4,10 +4,12 @@
     dataset.py      shuffled, resumable, rank-sliced batches of the cache as torch tensors
     losses.py       the distillation losses and the chunked driver that bounds their memory
     student.py      the student, loaded and checked against the cache
-    distributed.py  torchrun: the process group and sums over ranks
+    step.py         DistillStep: the student and its loss as the one module torch's engines wrap
+    distributed.py  torchrun: the process group, --parallel (DDP, FSDP2), sums over ranks
     evaluate.py     held-out CE, KL to the teacher's top-k, agreement, calibration
     rundir.py       the run directory: its files, resume, checkpoints
     loop.py         ``run_train``: the training loop
+    hf_trainer.py   the Hugging Face Trainer on the cache (the ``hf`` extra; imported by nothing here)
 
 Imports kdcache.stages.models and kdcache.storage only, never stage one.
 """

@@ -23,14 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from kdcache.stages.models.adapters import CausalLM
 from kdcache.stages.train.config import TrainConfig
@@ -104,7 +97,8 @@ def save_checkpoint(
     if rank == 0 and folder.exists():  # a torn attempt of a killed run: start it over
         shutil.rmtree(folder)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp, sd = _dcp()
+    model_sd, optim_sd = sd.get_state_dict(model, opt)
     with _one_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
     if rank == 0:
@@ -119,19 +113,21 @@ def save_checkpoint(
 
 def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Model and optimizer state from ``folder``, resharded to this run's ranks and engine."""
-    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp, sd = _dcp()
+    model_sd, optim_sd = sd.get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd}
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    sd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def save_student(student: CausalLM, model: nn.Module, out: Path, rank: int) -> None:
     """RUN/student/: the trained student, its full weights gathered from every rank (a
     sharded run) and written by rank 0."""
     if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 DTensors
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(model, options=options)  # a collective: every rank calls
+        _, sd = _dcp()
+        options = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = sd.get_model_state_dict(model, options=options)  # a collective: every rank calls
         if rank == 0:  # the only rank the gathered weights land on
             for first, later in _tied(model):  # one tensor again, as in the module's state dict
                 full[later] = full[first]
@@ -169,6 +165,7 @@ def export_student(run: Path, dest: Path, step: int | None = None) -> Path:
     dims = meta["student"]
     student = load_student(cfg, dims["vocab_size"], dims["block_size"], torch.device("cpu"))
     state = {"model": {f"student.{k}": v for k, v in student.module.state_dict().items()}}
+    dcp, _ = _dcp()
     with _one_process_quiet():
         dcp.load(state, checkpoint_id=folder)
     student.module.load_state_dict(
@@ -176,6 +173,15 @@ def export_student(run: Path, dest: Path, step: int | None = None) -> Path:
     )
     student.save(dest)
     return folder
+
+
+def _dcp():
+    """torch.distributed.checkpoint and its state_dict helpers, imported on first use (a
+    second of start-up that a run refused at its first check need not pay)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as sd
+
+    return dcp, sd
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from kdcache.pipeline.cli import COMMANDS, main
 from kdcache.pipeline.executors import EXECUTORS
 from kdcache.stages.capture.config import HEAD_PRECISIONS, TARGETS_ON_OPTIONS, CaptureConfig
 from kdcache.stages.train.config import TrainConfig
+from kdcache.stages.train.distributed import PARALLEL
 from kdcache.stages.train.losses import LOSSES
 from kdcache.storage.backends import BACKENDS
 from kdcache.storage.codecs import CODECS
@@ -26,6 +27,7 @@ REGISTRIES = {  # (command, option) -> the values its implementation accepts
     ("cache", "head_precision"): list(HEAD_PRECISIONS),
     ("cache", "executor"): list(EXECUTORS),
     ("train", "loss"): list(LOSSES),
+    ("train", "parallel"): list(PARALLEL),
     ("convert", "backend"): list(BACKENDS),
     ("convert", "codec"): list(CODECS),
 }

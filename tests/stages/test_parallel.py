@@ -150,13 +150,13 @@ def test_two_ranks_reach_the_parameters_of_one_process(cache, tmp_path, parallel
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(cache, tmp_path):
-    for student in ("nano", hf_student(tmp_path / "hf")):
-        runs = [tmp_path / f"{Path(str(student)).name}-{flag}" for flag in ("off", "on")]
-        opts = dict(OPTS, student=student, tokenizer_check="off")
-        one(train_args(cache, runs[0], **opts))
-        one(train_args(cache, runs[1], activation_checkpointing=True, **opts))
-        params = hf_params if student != "nano" else builtin_params
-        assert_same_params(params(runs[0] / "student"), params(runs[1] / "student"), 1e-6)
+    # The built-in GPT here; a Hugging Face student under FSDP2 in the first test.
+    runs = [tmp_path / "off", tmp_path / "on"]
+    one(train_args(cache, runs[0], **OPTS))
+    one(train_args(cache, runs[1], activation_checkpointing=True, **OPTS))
+    assert_same_params(
+        builtin_params(runs[0] / "student"), builtin_params(runs[1] / "student"), 1e-6
+    )
 
 
 def test_an_fsdp_checkpoint_of_two_ranks_resumes_on_one_process(cache, tmp_path):
@@ -175,7 +175,7 @@ def test_an_fsdp_checkpoint_of_two_ranks_resumes_on_one_process(cache, tmp_path)
 
 
 def test_killed_two_rank_run_resumes_to_the_uninterrupted_run(cache, tmp_path):
-    opts = dict(OPTS, steps=40, checkpoint_every=4, eval_every=10)
+    opts = dict(OPTS, steps=16, checkpoint_every=4, eval_every=5)
     args = train_args(cache, tmp_path / "killed", parallel="fsdp", **opts)
     run = tmp_path / "killed"
     procs = launch(args, 2)
@@ -196,7 +196,7 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_run(cache, tmp_path):
             if p.poll() is None:
                 p.kill()
     saved = int(committed_checkpoints(run)[-1].name.removeprefix("step-"))
-    assert 4 <= saved < 40, "killed too late: the run had finished"
+    assert 4 <= saved < 16, "killed too late: the run had finished"
     ranks(args)  # the same command again, on the same two ranks
     ranks(train_args(cache, tmp_path / "straight", parallel="fsdp", **opts))
     assert_same_runs(tmp_path / "straight", run, builtin_params, 0.0)  # bit-exact
