@@ -126,7 +126,7 @@ def _step_variant(
             loss="ce",
             chunk_rows=chunk_rows or None,
         )
-        loss_fn = build_loss("ce" if variant == "chunked_ce" else variant)
+        loss_fn = build_loss("ce" if variant in ("plain_ce", "chunked_ce") else variant)
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
         for i in range(steps + 1):
