@@ -140,7 +140,3 @@ def gathered(model: nn.Module):
         yield
     finally:
         model.reshard()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

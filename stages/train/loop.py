@@ -116,9 +116,10 @@ def run_train(cfg: TrainConfig) -> dict:
     it = _epoch_iter(train_ds, run.epoch, run.consumed)
     while run.step < cfg.steps:
         t0 = time.perf_counter()
-        micro = []
+        micro, tokens = [], 0
         for _ in range(cfg.grad_accum):
             batch, run.epoch, run.consumed, it = _next(train_ds, it, run.epoch, run.consumed)
+            tokens += batch.num_tokens  # counted on the host, before the copy to the device
             batch = batch.to(device)
             micro.append((batch, batch_targets(batch, student.vocab_size)))
         norms = step_norms(loss_fn, micro, all_reduce_ if world > 1 else None)
@@ -133,7 +134,6 @@ def run_train(cfg: TrainConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
-        tokens = sum(b.num_tokens for b, _ in micro)
         totals = all_reduce_(
             torch.stack(
                 [loss_sum.double(), torch.tensor(float(tokens), dtype=torch.float64, device=device)]

@@ -41,7 +41,8 @@ def step_norms(
 ) -> Norms:
     """The divisors of the step's means: each normalizer summed over the micro-batches, then
     (``reduce``, an all-reduce) over the ranks, in one collective."""
-    per_batch = [loss_fn.normalizers(t, int(b.valid.sum()), b.topk_logprobs) for b, t in micro]
+    # rows: every real position, known from the shapes (no device sync)
+    per_batch = [loss_fn.normalizers(t, t.topk_ids.shape[0], b.topk_logprobs) for b, t in micro]
     present = [n is not None for n in per_batch[0]]
     device = micro[0][0].topk_logprobs.device
     sums = torch.zeros(len(present), device=device)
