@@ -10,10 +10,12 @@ import click
 from kdcache.pipeline.executors import EXECUTORS
 from kdcache.stages.capture.config import (
     DEFAULT_SAMPLES,
+    HEAD_KERNELS,
     HEAD_PRECISIONS,
     TARGETS_ON_OPTIONS,
     CaptureConfig,
 )
+from kdcache.stages.models.adapters import DTYPES
 from kdcache.storage.backends import BACKENDS
 from kdcache.storage.codecs import CODECS
 from kdcache.storage.errors import ConfigError
@@ -232,6 +234,36 @@ def _shard_index(value: str) -> int | str:
     help="Output head matmul: float32, or tf32 tensor cores (CUDA only; several times faster, log-prob changes ~1e-3). auto: tf32 on CUDA.",
 )
 @click.option(
+    "--head-kernel",
+    type=click.Choice(HEAD_KERNELS),
+    default=CaptureConfig.head_kernel,
+    show_default=True,
+    help="What selects the top-k from the output head: eager (torch, the head's float32 logits "
+    "a chunk of positions at a time), triton (one fused CUDA kernel: head matmul, running top-k "
+    "and log-sum-exp; the logits never leave the chip), auto (triton on CUDA for top-k targets "
+    "when Triton is installed, else eager).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=CaptureConfig.dtype,
+    show_default=True,
+    help="The teacher's weights and body: auto is float32 on CPU and, on CUDA, the checkpoint's "
+    "own float16/bfloat16 (else bfloat16). The head's top-k is selected in float32 in every "
+    "case. Recorded in the cache.",
+)
+@click.option(
+    "--tensor-parallel",
+    type=int,
+    default=CaptureConfig.tensor_parallel,
+    show_default=True,
+    help="Split a Hugging Face teacher over N ranks with its own tensor-parallel plan "
+    "(tp_plan='auto', needs accelerate): run under torchrun --nproc_per_node N (or a multiple: "
+    "each group of N ranks captures one part, with --shard-index env). The head stays "
+    "vocab-parallel: each rank's top-k merged by one all-gather, the logits never gathered; "
+    "the group's first rank writes.",
+)
+@click.option(
     "--replace",
     is_flag=True,
     default=CaptureConfig.replace,
@@ -274,4 +306,5 @@ def cache(**opts) -> None:
         click.echo(run_dask(cfg, scheduler=scheduler, workers=workers).line())
         return
     summary = run_capture(cfg)
-    click.echo(summary.line())
+    if summary.writer:  # a tensor-parallel rank that only computes has nothing to report
+        click.echo(summary.line())

@@ -35,7 +35,7 @@ from kdcache.pipeline.executors.base import (
 )
 from kdcache.stages.capture import CaptureConfig, CaptureSession, capture_part, load_session
 from kdcache.stages.models.devices import use_cpu_threads
-from kdcache.storage.errors import KDCacheError
+from kdcache.storage.errors import ConfigError, KDCacheError
 from kdcache.storage.manifest import part_name
 from kdcache.storage.writer import prepare_output
 
@@ -199,6 +199,12 @@ def run_dask(
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     cfg.validate()
+    if cfg.tensor_parallel > 1:
+        raise ConfigError(
+            f"--tensor-parallel {cfg.tensor_parallel} splits one teacher over torchrun's ranks; "
+            "a Dask worker is one process: run torchrun --nproc_per_node N kdcache cache "
+            "--tensor-parallel N --shard-index env (N ranks per part) instead"
+        )
     cfg, shards = all_shards(cfg)
     run = CaptureRun(out=cfg.out, executor="dask", workers=0)
     run_on_dask(cfg, shards, run, scheduler=scheduler, workers=workers, processes=processes)

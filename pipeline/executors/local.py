@@ -22,8 +22,11 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
     cfg.validate()
     shard, num_shards = resolve_shard(cfg)
     session = load_session(cfg, num_shards)
-    prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)  # refuse others first
+    if session.writer:  # a tensor-parallel rank that does not write leaves the disk alone
+        prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)  # refuse others
     summary = capture_part(session, shard)
+    if not session.writer:
+        return summary
     try:
         finalize(Path(cfg.out))
         summary.finalized = True
@@ -38,9 +41,10 @@ def run_local(cfg: CaptureConfig) -> CaptureRun:
     cfg.validate()
     cfg, shards = all_shards(cfg)
     session = load_session(cfg, cfg.num_shards)
-    prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)
+    if session.writer:
+        prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)
     run = CaptureRun(out=cfg.out, executor="local", workers=1)
     for shard in shards:
         run.parts.append(capture_part(session, shard))
         log.info(run.parts[-1].line())
-    return finish(run, t0)
+    return finish(run, t0) if session.writer else run

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcache.stages.models.adapters import DTYPES
 from kdcache.stages.models.devices import device_problem
 from kdcache.storage.backends import BACKENDS, DEFAULT_BACKEND
 from kdcache.storage.errors import ConfigError
@@ -21,6 +22,10 @@ TARGETS_ON_OPTIONS = ("all", "assistant")
 # How the output head multiplies (kdcache.stages.capture.extract): float32, tf32 tensor cores
 # (CUDA only: several times faster, log-probs within ~1e-3), or auto (tf32 on CUDA).
 HEAD_PRECISIONS = ("auto", "float32", "tf32")
+# Which code selects the top-k from the head (kdcache.stages.capture.extract): eager torch in
+# float32 chunks, the fused Triton kernel (CUDA; kdcache.stages.capture.fused_head), or auto
+# (triton on CUDA for top-k targets when Triton is installed).
+HEAD_KERNELS = ("auto", "eager", "triton")
 DEFAULT_SAMPLES = 16  # --targets sampled: draws per position (the CLI's --samples sets k)
 MAX_DEFAULT_SEQ_LEN = 2048
 
@@ -54,6 +59,9 @@ class CaptureConfig:
     device: str = "auto"
     chunk_rows: int | None = None  # positions per float32 head + top-k chunk; None: by device
     head_precision: str = "auto"  # float32 | tf32 (CUDA tensor cores) | auto: tf32 on CUDA
+    head_kernel: str = "auto"  # eager | triton (fused head + top-k, CUDA) | auto
+    dtype: str = "auto"  # the teacher's weights: bfloat16 | float16 | float32 | auto
+    tensor_parallel: int = 1  # ranks one teacher is split over (torchrun, tp_plan="auto")
     # torch threads on a CPU device, recorded: BLAS rounds small matmuls differently with
     # another thread count, so every part (and every executor) uses one. None: torch's default.
     cpu_threads: int | None = None
@@ -103,6 +111,17 @@ class CaptureConfig:
             p.append(f"--lease-seconds must be > 0, got {self.lease_seconds}")
         if not self.lease_wait >= 0:
             p.append(f"--lease-wait must be >= 0, got {self.lease_wait}")
+        if self.head_kernel not in HEAD_KERNELS:
+            p.append(f"--head-kernel must be one of {HEAD_KERNELS}, got {self.head_kernel!r}")
+        if self.dtype not in DTYPES:
+            p.append(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            p.append(f"--tensor-parallel must be an integer >= 1, got {self.tensor_parallel!r}")
+        elif self.tensor_parallel > 1 and self.targets != "topk":
+            p.append(
+                f"--tensor-parallel {self.tensor_parallel} captures top-k targets; --targets "
+                f"{self.targets} draws from the whole distribution on one process: drop one"
+            )
         if self.head_precision not in HEAD_PRECISIONS:
             p.append(
                 f"--head-precision must be one of {HEAD_PRECISIONS}, got {self.head_precision!r}"
@@ -141,4 +160,5 @@ class CaptureConfig:
             "add_eos",
         )
         keys += ("logprob_dtype", "batch_tokens", "group_docs", "head_precision", "cpu_threads")
+        keys += ("head_kernel", "dtype")
         return {key: getattr(self, key) for key in keys}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdcache.stages.models.adapters import HeadShard
 from kdcache.storage.codecs import count_logprobs
-from kdcache.storage.errors import KDCacheError
+from kdcache.storage.errors import ConfigError, KDCacheError
 
 
 class NonFiniteLogitsError(KDCacheError):
@@ -59,53 +60,122 @@ def topk_from_logits(
     log_tail (n,) float32 = log of the mass outside the top-k,
     finite (n,) bool: False for rows with NaN or inf logits.
 
-    Two passes over z: top-k, then the exp-sum of the *other* entries, shifted by the row
-    maximum (the first top-k value), in place. The tail is that sum itself, not 1 - (top-k
-    mass): the subtraction would lose every tail below float32's ~1e-7 relative precision
-    (a confident teacher's tail of 1e-9 would read as 0 or as noise). It is -inf only when
-    k == V or when every other entry lies more than ~103 nats below the maximum (exp underflows).
-    """
-    vals, ids = _topk(z, k)  # (n, k)
+    ``merge_topk(*local_topk(z, k), k)``: the same two steps every head path takes (one
+    process, vocab-parallel ranks, the fused kernel's tiles)."""
+    return merge_topk(*local_topk(z, k), k)
+
+
+def local_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-min(k, V) of float32 logits z (n, V) — overwritten in place — as candidates for
+    ``merge_topk``: values (n, k') sorted, ids (n, k') int64 (columns of z), and
+    log_rest (n,): the log-sum-exp of every *other* entry of the row.
+
+    Two passes over z: top-k, then the exp-sum of the other entries, shifted by the row
+    maximum, in place. The rest is that sum itself, never total minus top-k mass: the
+    subtraction would lose every tail below float32's ~1e-7 relative precision (a confident
+    teacher's tail of 1e-9 would read as 0 or as noise). It is -inf only when k >= V or when
+    every other entry lies more than ~103 nats below the maximum (exp underflows)."""
+    vals, ids = _topk(z, min(k, z.shape[-1]))  # (n, k')
     m = vals[:, :1]  # (n, 1) row maximum
     z.scatter_(1, ids, float("-inf"))  # the entries outside the top-k remain
-    rest = z.sub_(m).exp_().sum(dim=-1)  # (n,) tail mass / exp(m); NaN/inf flags a bad row
-    top = (vals - m).exp().sum(dim=-1)  # (n,) top-k mass / exp(m), >= 1
-    lse = m[:, 0] + torch.log(top + rest)  # (n,)
+    rest = z.sub_(m).exp_().sum(dim=-1)  # (n,) rest / exp(m); NaN/inf flags a bad row
+    return vals, ids, torch.where(rest > 0, torch.log(rest) + m[:, 0], float("-inf"))
+
+
+def merge_topk(
+    vals: torch.Tensor, ids: torch.Tensor, log_rest: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-k targets from candidates: vals (n, c) logits, c >= k, sorted or not (-inf:
+    padding), ids (n, c) their vocabulary ids, log_rest (n,) the log-sum-exp of every entry of
+    the row that is not a candidate. The global top-k lies among the candidates whenever each
+    holder of a slice of the vocabulary (a rank, a kernel tile) offers its own top-k; the
+    candidates that miss it join the tail. Returns ``topk_from_logits``'s four tensors."""
+    if vals.shape[-1] > k:
+        top, pos = torch.topk(vals, k, dim=-1, sorted=True)  # (n, k)
+        missed = torch.logsumexp(vals.scatter(1, pos, float("-inf")), dim=-1)  # (n,)
+        vals, ids = top, ids.gather(1, pos)
+        log_rest = torch.where(torch.isneginf(missed), log_rest, torch.logaddexp(log_rest, missed))
+    m = vals[:, 0]  # (n,) row maximum
+    top = (vals - m[:, None]).exp().sum(dim=-1)  # (n,) top-k mass / exp(m), >= 1
+    rest = (log_rest - m).exp()  # (n,) tail mass / exp(m)
+    lse = m + torch.log(top + rest)  # (n,)
     logprobs = vals - lse[:, None]
-    log_tail = torch.where(rest > 0, torch.log(rest) + (m[:, 0] - lse), float("-inf"))
+    log_tail = torch.where(torch.isneginf(log_rest), float("-inf"), log_rest - lse)
     return ids, logprobs, log_tail, torch.isfinite(lse)
+
+
+def gather_candidates(
+    vals: torch.Tensor, ids: torch.Tensor, log_rest: torch.Tensor, k: int, group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's candidates (vals (n, k') logits, ids (n, k') global ids, log_rest (n,)) as
+    one set for ``merge_topk``: (n, N k) vals and ids, (n,) log_rest over the ranks. One
+    all-gather of one float32 tensor per chunk (ids < 2^24 are exact in float32); a rank with
+    fewer than k rows pads with -inf. The (n, V) logits never leave their rank."""
+    import torch.distributed as dist
+
+    n, got = vals.shape
+    packed = torch.full((n, 2 * k + 1), float("-inf"), dtype=torch.float32, device=vals.device)
+    packed[:, :got] = vals
+    packed[:, k : 2 * k] = 0.0
+    packed[:, k : k + got] = ids.to(torch.float32)
+    packed[:, 2 * k] = log_rest
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, packed, group=group)
+    every = torch.stack(parts, dim=1)  # (n, N, 2k + 1)
+    return (
+        every[:, :, :k].reshape(n, -1),
+        every[:, :, k : 2 * k].reshape(n, -1).long(),
+        torch.logsumexp(every[:, :, 2 * k], dim=-1),
+    )
 
 
 @torch.inference_mode()
 def extract_rows(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: HeadShard,
     k: int,
     chunk_rows: int = 4096,
     tf32: bool = False,
     seeds: torch.Tensor | None = None,
     proposal_temperature: float = 1.0,
+    kernel: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Targets of ``hidden (n, C) @ weight.T (V, C) + bias`` in float32, ``chunk_rows`` rows at a
-    time: the top-k, or (``seeds`` (n,) given) k draws per row (``sample_from_logits``, drawn at
-    ``proposal_temperature``).
+    """Targets of ``hidden (n, C) @ head.weight.T + head.bias``, ``chunk_rows`` rows at a time:
+    the top-k, or (``seeds`` (n,) given) k draws per row (``sample_from_logits``, drawn at
+    ``proposal_temperature``; one process only).
 
-    Returns ids (n, k) int64, logprobs (n, k) float32, log_tail (n,) float32, finite (n,) bool.
-    ``tf32``: let CUDA tensor cores do the head matmul (float32 in and out, 10-bit mantissa
-    products): several times faster than true float32 on GPUs, no effect on CPU.
+    ``kernel``: ``eager`` computes each chunk's float32 logits with ``F.linear`` and selects
+    in torch; ``triton`` runs the fused kernel (kdcache.stages.capture.fused_head), whose
+    logits never leave the chip. A vocab-parallel head (``head.group``) merges every rank's
+    candidates per chunk. Returns ids (n, k) int64, logprobs (n, k) float32, log_tail (n,)
+    float32, finite (n,) bool. ``tf32``: let CUDA tensor cores do the head matmul (float32 in
+    and out, 10-bit mantissa products): several times faster, no effect on CPU.
     """
-    w = weight.float()
-    b = bias.float() if bias is not None else None
-    with _tf32(tf32):
-        return _chunks(
-            lambda i, j: F.linear(hidden[i:j].float(), w, b),
-            len(hidden),
-            k,
-            chunk_rows,
-            seeds,
-            proposal_temperature,
-        )
+    if seeds is not None and head.group is not None:
+        raise ConfigError("sampled targets need the whole head on one process")
+    w = head.weight.float() if kernel == "eager" else head.weight
+    b = head.bias.float() if head.bias is not None else None
+
+    def candidates(i: int, j: int):
+        if kernel == "triton":
+            from kdcache.stages.capture.fused_head import fused_head_topk
+
+            vals, ids, rest = fused_head_topk(hidden[i:j], w, b, k, tf32=tf32)
+        else:
+            with _tf32(tf32):
+                vals, ids, rest = local_topk(F.linear(hidden[i:j].float(), w, b), k)
+        if head.group is None:
+            return vals, ids, rest
+        return gather_candidates(vals, ids + head.offset, rest, k, head.group)
+
+    def select(i: int, j: int):
+        if seeds is not None:
+            with _tf32(tf32):
+                z = F.linear(hidden[i:j].float(), w, b)
+            return sample_from_logits(z, k, seeds[i:j], proposal_temperature=proposal_temperature)
+        return merge_topk(*candidates(i, j), k)
+
+    return _chunks(select, len(hidden), k, chunk_rows)
 
 
 @torch.inference_mode()
@@ -117,14 +187,14 @@ def extract_from_logits(
     proposal_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same targets from logits (n, V) the model already computed, in float32 chunks."""
-    return _chunks(
-        lambda i, j: logits[i:j].to(torch.float32, copy=True),  # one copy, any dtype
-        len(logits),
-        k,
-        chunk_rows,
-        seeds,
-        proposal_temperature,
-    )
+
+    def select(i: int, j: int):
+        z = logits[i:j].to(torch.float32, copy=True)  # one copy, any dtype
+        if seeds is None:
+            return topk_from_logits(z, k)
+        return sample_from_logits(z, k, seeds[i:j], proposal_temperature=proposal_temperature)
+
+    return _chunks(select, len(logits), k, chunk_rows)
 
 
 class _tf32:
@@ -140,19 +210,9 @@ class _tf32:
         return False
 
 
-def _chunks(
-    logits_of, n: int, k: int, chunk_rows: int, seeds: torch.Tensor | None, tau: float = 1.0
-):
-    """Run the target selection over rows [i, i + chunk_rows): logits_of(i, j) -> (j - i, V) float32."""
-    outs = []
-    for i in range(0, n, chunk_rows):
-        j = min(i + chunk_rows, n)
-        z = logits_of(i, j)
-        outs.append(
-            topk_from_logits(z, k)
-            if seeds is None
-            else sample_from_logits(z, k, seeds[i:j], proposal_temperature=tau)
-        )
+def _chunks(select, n: int, k: int, chunk_rows: int):
+    """The targets of rows [i, i + chunk_rows) at a time: select(i, j) -> the four tensors."""
+    outs = [select(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
     if not outs:
         empty = torch.zeros((0, k))
         return empty.long(), empty, torch.zeros(0), torch.zeros(0, dtype=torch.bool)

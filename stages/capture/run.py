@@ -8,10 +8,13 @@ Reads top to bottom:
    the config; the settings resolved; the cache identity built.
 3. ``capture_part``: the shard's documents planned into sequences and batches
    (kdcache.stages.capture.plan), the part's writer opened (resume, lease).
-4. The hot loop (``_run_batches``): teacher body (bf16 autocast on CUDA), output head and top-k
-   extraction in float32 in chunks of positions (kdcache.stages.capture.extract), only (rows, k)
-   copied to the host; a writer thread behind a bounded queue builds sequences, compresses and
-   writes, so the teacher never waits for the disk.
+4. The hot loop (``_run_batches``): teacher body (in --dtype: bf16 on CUDA by default), output
+   head and top-k extraction in float32 in chunks of positions (kdcache.stages.capture.extract;
+   the fused Triton kernel on CUDA, kdcache.stages.capture.fused_head), only (rows, k) copied
+   to the host; a writer thread behind a bounded queue builds sequences, compresses and
+   writes, so the teacher never waits for the disk. A teacher split over ranks
+   (--tensor-parallel, kdcache.stages.capture.tensor_parallel) runs the same loop on each;
+   only the group's first rank writes.
 5. The part is committed (part.json last). Which process captures which part (one process, a
    SLURM array task, a Dask worker) is the executors' business (kdcache.pipeline.executors).
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,8 +44,9 @@ from kdcache.stages.capture.extract import (
 )
 from kdcache.stages.capture.plan import Planned, make_batches, plan_sequences
 from kdcache.stages.capture.sources import source_fingerprint
-from kdcache.stages.models.adapters import CausalLM, load_model
-from kdcache.stages.models.devices import pick_device, use_cpu_threads
+from kdcache.stages.capture.tensor_parallel import TensorParallel, start_tensor_parallel
+from kdcache.stages.models.adapters import CausalLM, HeadShard, load_model, resolve_dtype
+from kdcache.stages.models.devices import use_cpu_threads
 from kdcache.stages.models.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.background import WriteBehind
 from kdcache.storage.errors import ConfigError
@@ -96,20 +99,14 @@ def batch_tensors(batch: list[Planned], pack: bool, targets_mask_only: bool) -> 
 
 
 @torch.inference_mode()
-def teacher_rows(
-    teacher: CausalLM,
-    batch: list[Planned],
-    device: torch.device,
-    cfg: CaptureConfig,
-    targets_mask_only: bool,
-):
-    """Run one batch; return (ids, logprobs, log_tail, finite) for its target rows, on the device."""
-    host = batch_tensors(batch, cfg.pack, targets_mask_only)
+def teacher_rows(session: CaptureSession, batch: list[Planned], cfg: CaptureConfig | None = None):
+    """Run one batch; return (ids, logprobs, log_tail, finite) for its target rows, on the
+    device. ``cfg``: the session's own unless given (a benchmark compares head settings)."""
+    cfg = cfg or session.cfg
+    teacher, device = session.teacher, session.device
+    host = batch_tensors(batch, cfg.pack, cfg.targets_on == "assistant")
     t = {k: None if v is None else v.to(device, non_blocking=True) for k, v in host.items()}
     model_in = dict(position_ids=t["position_ids"], segment_ids=t["segment_ids"], valid=t["valid"])
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
     chunk = cfg.chunk_rows or default_chunk_rows(device)
     seeds = None
     if cfg.targets == "sampled":  # draws seeded by (sample id, position) of each target row
@@ -117,15 +114,14 @@ def teacher_rows(
         where = host["rows"].nonzero()  # (n, 2) (sequence, position), the order of h[rows]
         seeds = row_seeds(sid[where[:, 0]], where[:, 1]).to(device)
     sampling = dict(seeds=seeds, proposal_temperature=cfg.proposal_temperature)
-    if teacher.has_head:
-        with autocast:
-            h = teacher.hidden(t["ids"], **model_in)  # (B, T, C)
-        head = teacher.head_module
+    if session.head is not None:
+        h = teacher.hidden(t["ids"], **model_in)  # (B, T, C)
         tf32 = cfg.head_precision == "tf32"
-        out = extract_rows(h[t["rows"]], head.weight, head.bias, cfg.k, chunk, tf32, **sampling)
+        out = extract_rows(
+            h[t["rows"]], session.head, cfg.k, chunk, tf32, kernel=cfg.head_kernel, **sampling
+        )
     else:
-        with autocast:
-            logits = teacher.logits(t["ids"], **model_in)  # (B, T, V)
+        logits = teacher.logits(t["ids"], **model_in)  # (B, T, V)
         out = extract_from_logits(logits[t["rows"]], cfg.k, chunk, **sampling)
     top_ids, lp, tail, finite = out
     id_dtype = getattr(torch, transfer_id_dtype(teacher.vocab_size))  # exact, < int64's bytes
@@ -180,6 +176,7 @@ class CaptureSummary:
     finalized: bool = False
     resumed_sequences: int = 0
     details: dict = field(default_factory=dict)
+    writer: bool = True  # False on a tensor-parallel rank that computes but does not write
 
     @property
     def tokens_per_second(self) -> float:
@@ -204,10 +201,12 @@ class CaptureSummary:
 
 
 def load_teacher_and_tokenizer(
-    cfg: CaptureConfig, device: torch.device
+    cfg: CaptureConfig, device: torch.device, tp: TensorParallel | None = None
 ) -> tuple[CausalLM, TokenizerInfo]:
-    """Load both and check them against each other (before any teacher work)."""
-    teacher = load_model(cfg.teacher, device)
+    """Load both and check them against each other (before any teacher work): the teacher in
+    --dtype, split over ``tp``'s ranks if given."""
+    dtype = resolve_dtype(cfg.dtype, device, cfg.teacher)
+    teacher = load_model(cfg.teacher, device, dtype=dtype, tp_mesh=tp and tp.mesh)
     tok_path = cfg.tokenizer or teacher.tokenizer_path
     if tok_path is None:
         raise ConfigError(
@@ -240,6 +239,13 @@ class CaptureSession:
     teacher: CausalLM
     tok: TokenizerInfo
     identity: CacheIdentity
+    head: HeadShard | None = None  # the head rows this process multiplies; None: full logits
+    tp: TensorParallel | None = None  # the ranks that share the teacher (--tensor-parallel)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes what it captures (not a tensor-parallel helper)."""
+        return self.tp is None or self.tp.writer
 
     @property
     def num_shards(self) -> int:
@@ -249,8 +255,8 @@ class CaptureSession:
 def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
     """Validate, load the teacher and tokenizer on cfg.device, resolve the settings."""
     cfg.validate()
-    device = pick_device(cfg.device)
-    teacher, tok = load_teacher_and_tokenizer(cfg, device)
+    tp, device = start_tensor_parallel(cfg.tensor_parallel, cfg.device)
+    teacher, tok = load_teacher_and_tokenizer(cfg, device, tp)
 
     context = teacher.max_positions
     seq_len = cfg.seq_len or min(context or MAX_DEFAULT_SEQ_LEN, MAX_DEFAULT_SEQ_LEN)
@@ -279,6 +285,8 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         stride=stride,
         num_shards=num_shards,
         head_precision=head_precision,
+        head_kernel=resolve_head_kernel(cfg, device, teacher),
+        dtype=str(resolve_dtype(cfg.dtype, device, cfg.teacher)).removeprefix("torch."),
         cpu_threads=use_cpu_threads(cfg.cpu_threads, device),
     )
     settings = resolved_cfg.stored_settings()
@@ -312,21 +320,60 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         settings=settings,
         num_shards=num_shards,
     )
-    return CaptureSession(resolved_cfg, device, teacher, tok, identity)
+    head = teacher.head_shard(tp and tp.group) if teacher.has_head else None
+    if tp is not None and head is None:
+        log.info("%s: its forward changes the head's output; gathering full logits", cfg.teacher)
+    return CaptureSession(resolved_cfg, device, teacher, tok, identity, head, tp)
+
+
+def resolve_head_kernel(cfg: CaptureConfig, device: torch.device, teacher: CausalLM) -> str:
+    """What --head-kernel means here: ``auto`` is the fused Triton kernel on CUDA for top-k
+    targets of a teacher whose head kdcache applies itself (and Triton installed), else eager.
+    ``triton`` elsewhere needs Triton's CPU interpreter (TRITON_INTERPRET=1: tests only)."""
+    fits = cfg.targets == "topk" and teacher.has_head
+    if cfg.head_kernel == "eager" or (cfg.head_kernel == "auto" and not fits):
+        return "eager"
+    try:
+        from kdcache.stages.capture.fused_head import interpreted
+    except ImportError as e:
+        if cfg.head_kernel == "auto":
+            return "eager"
+        raise ConfigError(
+            f"--head-kernel triton needs Triton ({e}); pip install triton, or --head-kernel eager"
+        ) from e
+    if cfg.head_kernel == "auto":
+        return "triton" if device.type == "cuda" else "eager"
+    if not fits:
+        raise ConfigError(
+            "--head-kernel triton selects the top-k of a head kdcache applies itself; found "
+            + (
+                "--targets sampled"
+                if cfg.targets != "topk"
+                else f"{cfg.teacher}, whose forward changes its head's output"
+            )
+            + ": use --head-kernel eager"
+        )
+    if device.type != "cuda" and not interpreted():
+        raise ConfigError(
+            f"--head-kernel triton runs on CUDA, found device {device}; use --head-kernel eager "
+            "(or TRITON_INTERPRET=1 to test the kernel on CPU, slowly)"
+        )
+    return "triton"
 
 
 def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     """Capture part ``shard`` whole (or resume it, or skip it if committed). Never finalizes.
 
     The one per-part function of every executor: one process, a SLURM array task, a Dask
-    worker. Holds the part's lease while writing, so a second writer of the part is refused."""
+    worker, a tensor-parallel group (whose first rank decides and writes, the others compute
+    with it). Holds the part's lease while writing, so a second writer is refused."""
     cfg, num_shards = session.cfg, session.num_shards
     if not 0 <= shard < num_shards:
         raise ConfigError(f"shard {shard} does not exist: expected 0 <= shard < {num_shards}")
-    resolved = {**asdict(cfg), "shard_index": shard}
     name = part_name(shard)
     summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
-    if part_committed(parts_dir(Path(cfg.out)) / name):
+    summary.writer = session.writer
+    if _decided(session, lambda: part_committed(parts_dir(Path(cfg.out)) / name)):
         summary.skipped = True
         return summary
     # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
@@ -344,26 +391,34 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
         log.info(
             "%s: shard %d of %d got no document; committing an empty part", name, shard, num_shards
         )
-    writer = PartWriter(
-        Path(cfg.out),
-        session.identity,
-        shard_index=shard,
-        config=resolved,
-        flush_positions=cfg.flush_positions,
-        lease_seconds=cfg.lease_seconds,
-        lease_wait=cfg.lease_wait,
-    )
-    if writer.committed:  # another writer finished it while this one waited for the lease
-        summary.skipped = True
-        return summary
+    writer = None
+    if session.writer:
+        writer = PartWriter(
+            Path(cfg.out),
+            session.identity,
+            shard_index=shard,
+            config={**asdict(cfg), "shard_index": shard},
+            flush_positions=cfg.flush_positions,
+            lease_seconds=cfg.lease_seconds,
+            lease_wait=cfg.lease_wait,
+        )
     try:
-        _run_batches(session.teacher, batches, writer, session.device, cfg, summary)
+        # None: another writer finished it while this one waited for the lease
+        todo = _decided(session, lambda: None if writer.committed else _todo(batches, writer))
+        if todo is None:
+            summary.skipped = True
+            return summary
+        summary.resumed_sequences = sum(len(b) for b in batches[: len(batches) - len(todo)])
+        _run_batches(session, batches[len(batches) - len(todo) :], writer, summary)
+        if writer is None:
+            return summary
         t_commit = time.perf_counter()
         record = writer.commit(
             {"capture": {"device": str(session.device), "loop_seconds": summary.seconds}}
         )
     except BaseException:
-        writer.release()  # what was flushed stays durable: a rerun resumes at once
+        if writer is not None:
+            writer.release()  # what was flushed stays durable: a rerun resumes at once
         raise
     summary.seconds += time.perf_counter() - t_commit  # the last flush + checksums + part.json
     summary.bytes = record["bytes"]
@@ -372,12 +427,23 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     return summary
 
 
-def _run_batches(
-    teacher, batches, writer: PartWriter, device, cfg: CaptureConfig, summary: CaptureSummary
-) -> None:
-    done = writer.resume_sequences
-    summary.resumed_sequences = done
-    first = 0
+def _decided(session: CaptureSession, decide):
+    """``decide()`` where the part is written; in a tensor-parallel group the writer's answer
+    (or its exception) on every rank, so all of them run the same batches."""
+    if session.tp is None:
+        return decide()
+    answer = None
+    if session.tp.writer:
+        try:
+            answer = decide()
+        except Exception as e:
+            answer = e
+    return session.tp.share(answer)
+
+
+def _todo(batches: list[list[Planned]], writer: PartWriter) -> list[list[Planned]]:
+    """The batches after the part's durable sequences (all of them for a new part)."""
+    done, first = writer.resume_sequences, 0
     while done > 0 and first < len(batches):
         done -= len(batches[first])
         first += 1
@@ -386,20 +452,28 @@ def _run_batches(
             f"{writer.dir}: its durable {writer.resume_sequences} sequences end inside a batch of this run's plan; "
             "the data changed since it was written: pass --replace to start the part over"
         )
-    todo = batches[first:]
-    mask_only = cfg.targets_on == "assistant"
-    behind = WriteBehind(lambda r: writer.add(_sequences(r)))  # sequences, zstd, fsync
+    return batches[first:]
+
+
+def _run_batches(
+    session: CaptureSession, todo, writer: PartWriter | None, summary: CaptureSummary
+) -> None:
+    """The batches through the teacher, their results to the writer thread (none for a
+    tensor-parallel rank that does not write)."""
+    cfg = session.cfg
+    write = (lambda r: writer.add(_sequences(r))) if writer is not None else (lambda r: None)
+    behind = WriteBehind(write)  # sequences, zstd, fsync
     t0 = time.perf_counter()
     bar = tqdm(
         total=sum(len(s.ids) for b in todo for s in b),
         unit="tok",
         unit_scale=True,
-        desc=f"capture {writer.name}",
-        disable=not cfg.progress,
+        desc=f"capture {summary.part}",
+        disable=not (cfg.progress and session.writer),
     )
     try:
         for batch in todo:
-            behind.put(_run_batch(teacher, batch, device, cfg, mask_only))
+            behind.put(_run_batch(session, batch))
             n = sum(len(s.ids) for s in batch)
             summary.positions += n
             summary.sequences += len(batch)
@@ -413,12 +487,13 @@ def _run_batches(
     summary.seconds = time.perf_counter() - t0
 
 
-def _run_batch(teacher, batch: list[Planned], device, cfg: CaptureConfig, mask_only: bool):
+def _run_batch(session: CaptureSession, batch: list[Planned]) -> _Result:
     """One batch through the teacher; its results on their way to the host (``_Result``)."""
-    top_ids, lp, tail, finite = teacher_rows(teacher, batch, device, cfg, mask_only)
+    top_ids, lp, tail, finite = teacher_rows(session, batch)
+    mask_only = session.cfg.targets_on == "assistant"
     rows = [int(s.target_mask.sum()) if mask_only else len(s.ids) for s in batch]
     result = _Result(batch, rows, *(_to_host(t) for t in (top_ids, lp, tail, finite)))
-    if device.type == "cuda":
+    if session.device.type == "cuda":
         result.event = torch.cuda.Event()
         result.event.record()
     return result

@@ -31,6 +31,23 @@ from kdcache.storage.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BUILTIN_WEIGHTS = "model.pt"  # a built-in GPT folder: model.pt + tokenizer.json
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --dtype
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The output head's rows [offset, offset + rows) held by this process: all of it on one
+    process, 1/N of it on each rank of a vocab-parallel teacher (``group``: the ranks holding
+    the other rows; each offers its own top-k and one all-gather merges them)."""
+
+    weight: torch.Tensor  # (rows, C)
+    bias: torch.Tensor | None = None  # (rows,)
+    offset: int = 0
+    group: object = None  # a torch.distributed ProcessGroup, or None: the whole head is here
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
 
 
 @dataclass
@@ -66,6 +83,32 @@ class CausalLM:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head_module(hidden)
+
+    def head_shard(self, group=None) -> HeadShard:
+        """The head rows this process multiplies: all of them (``group`` None), else this
+        rank's slice of the vocabulary among the ranks of ``group`` — the local rows of a head
+        that tensor parallelism sharded by rows (a DTensor on Shard(0)), or, for a replicated
+        head, rows cut the way torch.chunk cuts. The (n, V) logits are then never gathered."""
+        head = self.head_module
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if group is None:
+            return HeadShard(_full(weight), None if bias is None else _full(bias))
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if _row_sharded(weight):
+            local = weight.to_local()
+            counts = [None] * size
+            dist.all_gather_object(counts, local.shape[0], group=group)
+            offset = sum(counts[:rank])
+        else:
+            full = _full(weight)
+            step = -(-full.shape[0] // size)  # torch.chunk's rows per rank
+            offset = min(rank * step, full.shape[0])
+            local = full[offset : offset + step]
+        if bias is not None:
+            bias = bias.to_local() if _row_sharded(bias) else _full(bias)[offset:][: len(local)]
+        return HeadShard(local, bias, offset, group)
 
     def logits(self, input_ids, position_ids=None, segment_ids=None, valid=None) -> torch.Tensor:
         """Logits (B, T, V)."""
@@ -113,6 +156,18 @@ class CausalLM:
         weights instead of the module's own (gathered from a sharded run)."""
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(state_dict or self.module.state_dict(), folder / "state_dict.pt")
+
+
+def _row_sharded(t: torch.Tensor) -> bool:
+    """A DTensor split by rows (dim 0) over a one-dimensional mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(t, DTensor) and tuple(t.placements) == (Shard(0),)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor gathered, a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class BuiltinLM(CausalLM):
@@ -311,20 +366,53 @@ def file_sha256(path: Path) -> str:
 
 
 # -- loading ---------------------------------------------------------------------------------
+def resolve_dtype(name: str, device: torch.device, spec: str | None = None) -> torch.dtype:
+    """The dtype ``--dtype name`` loads a model in. ``auto``: float32 on CPU; on CUDA the
+    checkpoint's own 16-bit dtype (a Hugging Face config's ``dtype`` / ``torch_dtype``), else
+    bfloat16 (a float32 or built-in checkpoint runs its body in bf16, the output head and the
+    top-k in float32 all the same)."""
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    config = Path(spec or "") / "config.json"
+    try:
+        meta = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    own = meta.get("dtype") or meta.get("torch_dtype")
+    return torch.float16 if own == "float16" else torch.bfloat16
+
+
 def load_model(
-    spec: str, device: torch.device | str = "cpu", *, dtype: torch.dtype | None = None
+    spec: str,
+    device: torch.device | str = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    tp_mesh=None,
 ) -> CausalLM:
     """A built-in GPT (folder with model.pt, or a .pt file), a Hugging Face causal-LM folder
-    (config.json; loaded with local_files_only), or ``module:factory``."""
+    (config.json; loaded with local_files_only), or ``module:factory``; its weights in ``dtype``
+    (None: float32). ``tp_mesh``: a one-dimensional torch DeviceMesh to split a Hugging Face
+    model over with its own tensor-parallel plan (``tp_plan="auto"``): each rank holds 1/N."""
     path = Path(spec)
+    hf = path.is_dir() and (path / "config.json").is_file()
+    if tp_mesh is not None and (not hf or (path / BUILTIN_WEIGHTS).is_file()):
+        raise ConfigError(
+            f"--tensor-parallel needs a Hugging Face model folder (its tensor-parallel plan); "
+            f"{spec} is not one: drop --tensor-parallel, or use the Dask executor to run one "
+            "part per GPU"
+        )
     if path.is_dir() and (path / BUILTIN_WEIGHTS).is_file():
-        return _load_builtin(spec, path / BUILTIN_WEIGHTS, device)
+        return _load_builtin(spec, path / BUILTIN_WEIGHTS, device, dtype)
     if path.is_file() and path.suffix in (".pt", ".pth"):
-        return _load_builtin(spec, path, device)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _load_hf(spec, path, device, dtype)
+        return _load_builtin(spec, path, device, dtype)
+    if hf:
+        return _load_hf(spec, path, device, dtype, tp_mesh)
     if ":" in spec and not path.exists():
-        return _load_factory(spec, device)
+        return _load_factory(spec, device, dtype)
     if path.exists():
         raise ConfigError(
             f"{spec} is not a model kdcache can load: expected a folder with config.json (Hugging Face) "
@@ -335,10 +423,11 @@ def load_model(
     )
 
 
-def _load_builtin(spec: str, weights: Path, device) -> CausalLM:
+def _load_builtin(spec: str, weights: Path, device, dtype) -> CausalLM:
     from kdcache.stages.models.gpt import load_checkpoint
 
     model, _ = load_checkpoint(weights, map_location=device)
+    model.to(dtype or torch.float32)
     tok = weights.parent if (weights.parent / "tokenizer.json").is_file() else None
     return BuiltinLM(
         name=spec,
@@ -350,23 +439,28 @@ def _load_builtin(spec: str, weights: Path, device) -> CausalLM:
     )
 
 
-def _load_hf(spec: str, path: Path, device, dtype) -> CausalLM:
+def _load_hf(spec: str, path: Path, device, dtype, tp_mesh) -> CausalLM:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise ConfigError(
             f"{spec} is a Hugging Face model folder; install the extra: pip install 'kdcache[hf]'"
         ) from e
+    parallel = {} if tp_mesh is None else {"tp_plan": "auto", "device_mesh": tp_mesh}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype or torch.float32
+            path, local_files_only=True, dtype=dtype or torch.float32, **parallel
         )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = " with its tensor-parallel plan (tp_plan='auto')" if parallel else ""
         raise ConfigError(
-            f"the teacher folder {spec} does not load as a Hugging Face causal LM: {first}"
+            f"the teacher folder {spec} does not load as a Hugging Face causal LM{what}: {first}"
+            + ("; drop --tensor-parallel for a model without a plan" if parallel else "")
         ) from e
-    model.to(device).eval()
+    if tp_mesh is None:
+        model.to(device)
+    model.eval()
     cfg = model.config
     vocab = model.get_output_embeddings().weight.shape[0]
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -384,7 +478,7 @@ def _load_hf(spec: str, path: Path, device, dtype) -> CausalLM:
     )
 
 
-def _load_factory(spec: str, device) -> CausalLM:
+def _load_factory(spec: str, device, dtype) -> CausalLM:
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -397,7 +491,8 @@ def _load_factory(spec: str, device) -> CausalLM:
         raise ConfigError(
             f"{spec}() returned {type(model).__name__}; expected a torch.nn.Module mapping ids (B, T) to logits (B, T, V)"
         )
-    model.to(device).eval()
+    model.to(device) if dtype is None else model.to(device, dtype)
+    model.eval()
     first = next(model.parameters(), None)
     dev = first.device if first is not None else torch.device(device)
     with torch.inference_mode():

@@ -42,3 +42,22 @@ def pick_device(name: str) -> torch.device:
             "--device cuda: no CUDA device is available here; use --device cpu or auto"
         )
     return torch.device(name)
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under torchrun (WORLD_SIZE > 1) the default
+    process group started (NCCL on CUDA, gloo on CPU) and each rank on its LOCAL_RANK's GPU."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(device_name)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from kdcache.stages.models.adapters import CausalLM
-from kdcache.stages.models.devices import pick_device
 from kdcache.storage.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,18 +30,6 @@ log = logging.getLogger(__name__)
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 # bytes a parameter costs in training: float32 weight, gradient and two AdamW moments
 TRAIN_BYTES_PER_PARAM = 16
-
-
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(device_name)
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from kdcache.stages.models.adapters import CausalLM
+from kdcache.stages.models.devices import init_distributed
 from kdcache.stages.train.config import TrainConfig
 from kdcache.stages.train.dataset import Batch, CacheBatches
 from kdcache.stages.train.distributed import (
     all_gather_objects,
     all_reduce_,
     gathered,
-    init_distributed,
     no_sync,
     parallelize,
     resolve_parallel,

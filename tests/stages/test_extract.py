@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kdcache.stages.capture.extract import extract_rows, group_topk, topk_from_logits
+from kdcache.stages.models.adapters import HeadShard
 
 
 @pytest.mark.parametrize("V, k", [(4096, 64), (4099, 64), (1000, 3), (2048, 1)])
@@ -55,8 +56,8 @@ def test_chunked_head_equals_one_chunk():
         torch.randn(3000, 32, generator=g),
         torch.randn(3000, generator=g),
     )
-    one = extract_rows(h, w, b, 16, chunk_rows=5000)
-    many = extract_rows(h, w, b, 16, chunk_rows=77)
+    one = extract_rows(h, HeadShard(w, b), 16, chunk_rows=5000)
+    many = extract_rows(h, HeadShard(w, b), 16, chunk_rows=77)
     for x, y in zip(one, many, strict=True):
         assert torch.equal(x, y)
 
