@@ -10,7 +10,13 @@ import pytest
 
 from kdcache.pipeline.cli import COMMANDS, main
 from kdcache.pipeline.executors import EXECUTORS
-from kdcache.stages.capture.config import HEAD_PRECISIONS, TARGETS_ON_OPTIONS, CaptureConfig
+from kdcache.stages.capture.config import (
+    HEAD_KERNELS,
+    HEAD_PRECISIONS,
+    TARGETS_ON_OPTIONS,
+    CaptureConfig,
+)
+from kdcache.stages.models.adapters import DTYPES
 from kdcache.stages.train.config import TrainConfig
 from kdcache.stages.train.distributed import PARALLEL
 from kdcache.stages.train.losses import LOSSES
@@ -25,6 +31,8 @@ REGISTRIES = {  # (command, option) -> the values its implementation accepts
     ("cache", "targets_on"): list(TARGETS_ON_OPTIONS),
     ("cache", "logprob_dtype"): list(LOGPROB_DTYPES),
     ("cache", "head_precision"): list(HEAD_PRECISIONS),
+    ("cache", "head_kernel"): list(HEAD_KERNELS),
+    ("cache", "dtype"): list(DTYPES),
     ("cache", "executor"): list(EXECUTORS),
     ("train", "loss"): list(LOSSES),
     ("train", "parallel"): list(PARALLEL),
