@@ -108,24 +108,26 @@ def gather_candidates(
     vals: torch.Tensor, ids: torch.Tensor, log_rest: torch.Tensor, k: int, group
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rank's candidates (vals (n, k') logits, ids (n, k') global ids, log_rest (n,)) as
-    one set for ``merge_topk``: (n, N k) vals and ids, (n,) log_rest over the ranks. One
-    all-gather of one float32 tensor per chunk (ids < 2^24 are exact in float32); a rank with
-    fewer than k rows pads with -inf. The (n, V) logits never leave their rank."""
+    one set for ``merge_topk``: (n, N c) vals and ids, (n,) log_rest over the ranks, c = the
+    most candidates a rank offers. One all-gather of one float32 tensor per chunk (ids < 2^24
+    are exact in float32); a rank with fewer than c rows pads with -inf. The (n, V) logits
+    never leave their rank."""
     import torch.distributed as dist
 
     n, got = vals.shape
-    packed = torch.full((n, 2 * k + 1), float("-inf"), dtype=torch.float32, device=vals.device)
+    c = max(k, got)  # the same on every rank: k (eager), or the fused kernel's K >= k
+    packed = torch.full((n, 2 * c + 1), float("-inf"), dtype=torch.float32, device=vals.device)
     packed[:, :got] = vals
-    packed[:, k : 2 * k] = 0.0
-    packed[:, k : k + got] = ids.to(torch.float32)
-    packed[:, 2 * k] = log_rest
+    packed[:, c : 2 * c] = 0.0
+    packed[:, c : c + got] = ids.to(torch.float32)
+    packed[:, 2 * c] = log_rest
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
-    every = torch.stack(parts, dim=1)  # (n, N, 2k + 1)
+    every = torch.stack(parts, dim=1)  # (n, N, 2c + 1)
     return (
-        every[:, :, :k].reshape(n, -1),
-        every[:, :, k : 2 * k].reshape(n, -1).long(),
-        torch.logsumexp(every[:, :, 2 * k], dim=-1),
+        every[:, :, :c].reshape(n, -1),
+        every[:, :, c : 2 * c].reshape(n, -1).long(),
+        torch.logsumexp(every[:, :, 2 * c], dim=-1),
     )
 
 

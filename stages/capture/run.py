@@ -320,6 +320,11 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         settings=settings,
         num_shards=num_shards,
     )
+    if tp is not None and teacher.vocab_size > 2**24:  # ids travel as float32 between ranks
+        raise ConfigError(
+            f"--tensor-parallel takes vocabularies up to {2**24:,} ids, found "
+            f"{teacher.vocab_size:,}; drop --tensor-parallel"
+        )
     head = teacher.head_shard(tp and tp.group) if teacher.has_head else None
     if tp is not None and head is None:
         log.info("%s: its forward changes the head's output; gathering full logits", cfg.teacher)

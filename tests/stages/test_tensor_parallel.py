@@ -100,12 +100,14 @@ def data(tmp_path_factory, corpus) -> Path:
     return path
 
 
-def run_ranks(args: list, world: int = 2) -> list[subprocess.CompletedProcess]:
+def run_ranks(
+    args: list, world: int = 2, env: dict | None = None
+) -> list[subprocess.CompletedProcess]:
     port = free_port()
     procs = [
         subprocess.Popen(
             kdcache_args(*args),
-            env=rank_env(rank, world, port),
+            env={**rank_env(rank, world, port), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -169,6 +171,22 @@ def test_two_ranks_capture_what_one_process_captures(build, vocab, k, tmp_path, 
     [record] = (tmp_path / "tp" / "parts").glob("*/part.json")
     config = json.loads(record.read_text())["config"]
     assert config["tensor_parallel"] == 2 and config["dtype"] == "float32"
+
+
+def test_two_ranks_with_the_fused_kernel(tmp_path, tok_dir, data):
+    """Each rank's fused kernel offers K = 16 candidates for k = 8 (Triton's interpreter)."""
+    torch.manual_seed(0)
+    teacher = save_hf_teacher(tmp_path / "teacher", tok_dir, _llama(VOCAB + 3))
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(data.read_text().splitlines(keepends=True)[:4]))
+    common = ["cache", "--teacher", teacher, "--data", few, "--k", 8, "--seq-len", 64]
+    common += ["--device", "cpu", "--no-progress"]
+    one = kdcache(*common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    args = [*common, "--out", tmp_path / "tp", "--tensor-parallel", 2, "--head-kernel", "triton"]
+    for r in run_ranks(args, env={"TRITON_INTERPRET": "1"}):
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_targets(tmp_path / "one", tmp_path / "tp")
 
 
 def test_tensor_parallel_outside_torchrun_is_one_clear_error(tmp_path, hf_teacher, data):
