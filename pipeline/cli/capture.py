@@ -241,7 +241,7 @@ def _shard_index(value: str) -> int | str:
     help="What selects the top-k from the output head: eager (torch, the head's float32 logits "
     "a chunk of positions at a time), triton (one fused CUDA kernel: head matmul, running top-k "
     "and log-sum-exp; the logits never leave the chip), auto (triton on CUDA for top-k targets "
-    "when Triton is installed, else eager).",
+    "with k <= 128 when Triton is installed, else eager).",
 )
 @click.option(
     "--dtype",
@@ -249,8 +249,9 @@ def _shard_index(value: str) -> int | str:
     default=CaptureConfig.dtype,
     show_default=True,
     help="The teacher's weights and body: auto is float32 on CPU and, on CUDA, the checkpoint's "
-    "own float16/bfloat16 (else bfloat16). The head's top-k is selected in float32 in every "
-    "case. Recorded in the cache.",
+    "own float16/bfloat16, else float32 weights with the body under bf16 autocast (the head and "
+    "its inputs stay float32); a module:factory keeps its own. The head's logits are float32 in "
+    "every case. Recorded in the cache.",
 )
 @click.option(
     "--tensor-parallel",

@@ -22,8 +22,8 @@ def run_capture(cfg: CaptureConfig) -> CaptureSummary:
     cfg.validate()
     shard, num_shards = resolve_shard(cfg)
     session = load_session(cfg, num_shards)
-    if session.writer:  # a tensor-parallel rank that does not write leaves the disk alone
-        prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)  # refuse others
+    # refuse another cache first; a tensor-parallel rank that does not write hears the verdict
+    session.on_writer(lambda: prepare_output(Path(cfg.out), session.identity, replace=cfg.replace))
     summary = capture_part(session, shard)
     if not session.writer:
         return summary
@@ -41,8 +41,7 @@ def run_local(cfg: CaptureConfig) -> CaptureRun:
     cfg.validate()
     cfg, shards = all_shards(cfg)
     session = load_session(cfg, cfg.num_shards)
-    if session.writer:
-        prepare_output(Path(cfg.out), session.identity, replace=cfg.replace)
+    session.on_writer(lambda: prepare_output(Path(cfg.out), session.identity, replace=cfg.replace))
     run = CaptureRun(out=cfg.out, executor="local", workers=1)
     for shard in shards:
         run.parts.append(capture_part(session, shard))

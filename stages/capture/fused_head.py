@@ -78,12 +78,12 @@ def _tile_logits(
     for c0 in range(0, C, BLOCK_C):
         f = c0 + feats
         h = tl.load(
-            h_ptr + rows[:, None] * stride_h + f[None, :],
+            h_ptr + rows[:, None].to(tl.int64) * stride_h + f[None, :],
             mask=row_ok[:, None] & (f[None, :] < C),
             other=0.0,
         )
         w = tl.load(
-            w_ptr + vids[None, :] * stride_w + f[:, None],
+            w_ptr + vids[None, :].to(tl.int64) * stride_w + f[:, None],
             mask=v_ok[None, :] & (f[:, None] < C),
             other=0.0,
         )
@@ -160,8 +160,8 @@ def _head_topk_kernel(
         top, low = tl.max(tile, axis=1), tl.min(best, axis=1)
         # Insert the tile's entries that beat each row's K-th best, largest first: the
         # replaced entry joins the rest. Few after the first tiles: rarely more than once.
-        while tl.max((top > low).to(tl.int32), axis=0) > 0:
-            take = top > low  # (BLOCK_N,)
+        while tl.max(((top > low) & row_ok).to(tl.int32), axis=0) > 0:
+            take = (top > low) & row_ok  # (BLOCK_N,) rows past n (all zeros) never insert
             rest += tl.where(take, tl.exp(_value(low) - m_new), 0.0)
             best = tl.where(take[:, None] & (best == low[:, None]), top[:, None], best)
             tile = tl.where(take[:, None] & (tile == top[:, None]), gone, tile)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -45,7 +46,14 @@ from kdcache.stages.capture.extract import (
 from kdcache.stages.capture.plan import Planned, make_batches, plan_sequences
 from kdcache.stages.capture.sources import source_fingerprint
 from kdcache.stages.capture.tensor_parallel import TensorParallel, start_tensor_parallel
-from kdcache.stages.models.adapters import CausalLM, HeadShard, load_model, resolve_dtype
+from kdcache.stages.models.adapters import (
+    AUTOCAST,
+    CausalLM,
+    HeadShard,
+    load_model,
+    resolve_dtype,
+    weights_dtype,
+)
 from kdcache.stages.models.devices import use_cpu_threads
 from kdcache.stages.models.tokenizer import TokenizerInfo, load_tokenizer
 from kdcache.storage.background import WriteBehind
@@ -114,14 +122,19 @@ def teacher_rows(session: CaptureSession, batch: list[Planned], cfg: CaptureConf
         where = host["rows"].nonzero()  # (n, 2) (sequence, position), the order of h[rows]
         seeds = row_seeds(sid[where[:, 0]], where[:, 1]).to(device)
     sampling = dict(seeds=seeds, proposal_temperature=cfg.proposal_temperature)
+    autocast = nullcontext()
+    if cfg.dtype == AUTOCAST:  # float32 weights, a bf16 body; the head stays float32
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     if session.head is not None:
-        h = teacher.hidden(t["ids"], **model_in)  # (B, T, C)
+        with autocast:
+            h = teacher.hidden(t["ids"], **model_in)  # (B, T, C)
         tf32 = cfg.head_precision == "tf32"
         out = extract_rows(
             h[t["rows"]], session.head, cfg.k, chunk, tf32, kernel=cfg.head_kernel, **sampling
         )
     else:
-        logits = teacher.logits(t["ids"], **model_in)  # (B, T, V)
+        with autocast:
+            logits = teacher.logits(t["ids"], **model_in)  # (B, T, V)
         out = extract_from_logits(logits[t["rows"]], cfg.k, chunk, **sampling)
     top_ids, lp, tail, finite = out
     id_dtype = getattr(torch, transfer_id_dtype(teacher.vocab_size))  # exact, < int64's bytes
@@ -205,7 +218,7 @@ def load_teacher_and_tokenizer(
 ) -> tuple[CausalLM, TokenizerInfo]:
     """Load both and check them against each other (before any teacher work): the teacher in
     --dtype, split over ``tp``'s ranks if given."""
-    dtype = resolve_dtype(cfg.dtype, device, cfg.teacher)
+    dtype = weights_dtype(resolve_dtype(cfg.dtype, device, cfg.teacher))
     teacher = load_model(cfg.teacher, device, dtype=dtype, tp_mesh=tp and tp.mesh)
     tok_path = cfg.tokenizer or teacher.tokenizer_path
     if tok_path is None:
@@ -247,6 +260,20 @@ class CaptureSession:
         """Whether this process writes what it captures (not a tensor-parallel helper)."""
         return self.tp is None or self.tp.writer
 
+    def on_writer(self, decide):
+        """``decide()`` on the process that writes; in a tensor-parallel group its answer (or
+        its exception, raised on every rank) shared, so all ranks run the same batches and none
+        waits in a collective for a rank that gave up."""
+        if self.tp is None:
+            return decide()
+        answer = None
+        if self.tp.writer:
+            try:
+                answer = decide()
+            except Exception as e:
+                answer = e
+        return self.tp.share(answer)
+
     @property
     def num_shards(self) -> int:
         return self.cfg.num_shards
@@ -286,7 +313,7 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
         num_shards=num_shards,
         head_precision=head_precision,
         head_kernel=resolve_head_kernel(cfg, device, teacher),
-        dtype=str(resolve_dtype(cfg.dtype, device, cfg.teacher)).removeprefix("torch."),
+        dtype=resolve_dtype(cfg.dtype, device, cfg.teacher),
         cpu_threads=use_cpu_threads(cfg.cpu_threads, device),
     )
     settings = resolved_cfg.stored_settings()
@@ -333,7 +360,8 @@ def load_session(cfg: CaptureConfig, num_shards: int) -> CaptureSession:
 
 def resolve_head_kernel(cfg: CaptureConfig, device: torch.device, teacher: CausalLM) -> str:
     """What --head-kernel means here: ``auto`` is the fused Triton kernel on CUDA for top-k
-    targets of a teacher whose head kdcache applies itself (and Triton installed), else eager.
+    targets (k <= 128: its registers hold a running top-k of up to 128 per row) of a teacher
+    whose head kdcache applies itself (and Triton installed), else eager.
     ``triton`` elsewhere needs Triton's CPU interpreter (TRITON_INTERPRET=1: tests only)."""
     fits = cfg.targets == "topk" and teacher.has_head
     if cfg.head_kernel == "eager" or (cfg.head_kernel == "auto" and not fits):
@@ -347,7 +375,7 @@ def resolve_head_kernel(cfg: CaptureConfig, device: torch.device, teacher: Causa
             f"--head-kernel triton needs Triton ({e}); pip install triton, or --head-kernel eager"
         ) from e
     if cfg.head_kernel == "auto":
-        return "triton" if device.type == "cuda" else "eager"
+        return "triton" if device.type == "cuda" and cfg.k <= 128 else "eager"
     if not fits:
         raise ConfigError(
             "--head-kernel triton selects the top-k of a head kdcache applies itself; found "
@@ -378,7 +406,7 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     name = part_name(shard)
     summary = CaptureSummary(out=cfg.out, part=name, shard_index=shard, num_shards=num_shards)
     summary.writer = session.writer
-    if _decided(session, lambda: part_committed(parts_dir(Path(cfg.out)) / name)):
+    if session.on_writer(lambda: part_committed(parts_dir(Path(cfg.out)) / name)):
         summary.skipped = True
         return summary
     # Plan (tokenize, window, batch) before the part folder exists: bad data leaves nothing.
@@ -397,7 +425,11 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
             "%s: shard %d of %d got no document; committing an empty part", name, shard, num_shards
         )
     writer = None
-    if session.writer:
+
+    def open_part() -> int | None:
+        """The first batch to run; None: another writer finished the part while this one
+        waited for the lease."""
+        nonlocal writer
         writer = PartWriter(
             Path(cfg.out),
             session.identity,
@@ -407,14 +439,15 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
             lease_seconds=cfg.lease_seconds,
             lease_wait=cfg.lease_wait,
         )
+        return None if writer.committed else _first(batches, writer)
+
     try:
-        # None: another writer finished it while this one waited for the lease
-        todo = _decided(session, lambda: None if writer.committed else _todo(batches, writer))
-        if todo is None:
+        first = session.on_writer(open_part)
+        if first is None:
             summary.skipped = True
             return summary
-        summary.resumed_sequences = sum(len(b) for b in batches[: len(batches) - len(todo)])
-        _run_batches(session, batches[len(batches) - len(todo) :], writer, summary)
+        summary.resumed_sequences = sum(len(b) for b in batches[:first])
+        _run_batches(session, batches[first:], writer, summary)
         if writer is None:
             return summary
         t_commit = time.perf_counter()
@@ -432,22 +465,8 @@ def capture_part(session: CaptureSession, shard: int) -> CaptureSummary:
     return summary
 
 
-def _decided(session: CaptureSession, decide):
-    """``decide()`` where the part is written; in a tensor-parallel group the writer's answer
-    (or its exception) on every rank, so all of them run the same batches."""
-    if session.tp is None:
-        return decide()
-    answer = None
-    if session.tp.writer:
-        try:
-            answer = decide()
-        except Exception as e:
-            answer = e
-    return session.tp.share(answer)
-
-
-def _todo(batches: list[list[Planned]], writer: PartWriter) -> list[list[Planned]]:
-    """The batches after the part's durable sequences (all of them for a new part)."""
+def _first(batches: list[list[Planned]], writer: PartWriter) -> int:
+    """The first batch after the part's durable sequences (0 for a new part)."""
     done, first = writer.resume_sequences, 0
     while done > 0 and first < len(batches):
         done -= len(batches[first])
@@ -457,7 +476,7 @@ def _todo(batches: list[list[Planned]], writer: PartWriter) -> list[list[Planned
             f"{writer.dir}: its durable {writer.resume_sequences} sequences end inside a batch of this run's plan; "
             "the data changed since it was written: pass --replace to start the part over"
         )
-    return batches[first:]
+    return first
 
 
 def _run_batches(
