@@ -39,6 +39,7 @@ from kdcache.stages.capture import CaptureConfig, load_session
 from kdcache.stages.capture.extract import local_topk
 from kdcache.stages.capture.plan import make_batches, plan_sequences
 from kdcache.stages.capture.run import teacher_rows
+from kdcache.stages.models.adapters import AUTOCAST
 from kdcache.stages.models.gpt import GPT, GPTConfig, save_checkpoint
 from kdcache.stages.models.tokenizer import (
     make_tokenizer_info,
@@ -99,6 +100,7 @@ def sync(device: torch.device) -> None:
 def bare_forward(session, batches) -> float:
     """The teacher's own forward with its head, in its dtype, as a user would run it."""
     device = session.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=session.cfg.dtype == AUTOCAST)
     sync(device)
     t = time.perf_counter()
     for batch in batches:
@@ -106,7 +108,8 @@ def bare_forward(session, batches) -> float:
         ids = torch.zeros(len(batch), T, dtype=torch.long)
         for b, s in enumerate(batch):
             ids[b, : len(s.ids)] = torch.from_numpy(s.ids)
-        session.teacher.logits(ids.to(device, non_blocking=True))
+        with autocast:
+            session.teacher.logits(ids.to(device, non_blocking=True))
     sync(device)
     return time.perf_counter() - t
 
