@@ -259,10 +259,9 @@ def _shard_index(value: str) -> int | str:
     default=CaptureConfig.tensor_parallel,
     show_default=True,
     help="Split a Hugging Face teacher over N ranks with its own tensor-parallel plan "
-    "(tp_plan='auto', needs accelerate): run under torchrun --nproc_per_node N (or a multiple: "
-    "each group of N ranks captures one part, with --shard-index env). The head stays "
-    "vocab-parallel: each rank's top-k merged by one all-gather, the logits never gathered; "
-    "the group's first rank writes.",
+    "(tp_plan='auto', needs accelerate): run under torchrun --nproc_per_node N, one such job per "
+    "part. The head stays vocab-parallel: each rank's top-k merged by one all-gather, the "
+    "logits never gathered; rank 0 writes.",
 )
 @click.option(
     "--replace",

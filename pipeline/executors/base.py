@@ -114,18 +114,11 @@ def resolve_num_shards(cfg: CaptureConfig, from_env: int | None = None) -> int |
 def resolve_shard(cfg: CaptureConfig) -> tuple[int, int]:
     """(shard_index, num_shards). --shard-index env takes the index from the environment:
     SLURM_ARRAY_TASK_ID (the array index is the part index: --array=0-15 for 16 parts; a rerun
-    --array=5 resumes part 5) or RANK (torchrun; with --tensor-parallel N, each group of N
-    ranks one part: RANK // N of WORLD_SIZE // N). The count never comes from a rerun's array
+    --array=5 resumes part 5) or RANK (torchrun; with --tensor-parallel N the N ranks are one
+    teacher: RANK // N of WORLD_SIZE // N). The count never comes from a rerun's array
     shape (``resolve_num_shards``): a fresh array's is SLURM_ARRAY_TASK_MAX + 1."""
     env = os.environ
     tp = cfg.tensor_parallel
-    if cfg.shard_index != "env" and tp > 1 and int(env.get("WORLD_SIZE", "1")) > tp:
-        raise ConfigError(
-            f"WORLD_SIZE {env['WORLD_SIZE']} with --tensor-parallel {tp} makes "
-            f"{int(env['WORLD_SIZE']) // tp} teacher groups, and --shard-index "
-            f"{cfg.shard_index} gives them all one part; pass --shard-index env (group g "
-            "captures part g)"
-        )
     if cfg.shard_index != "env":
         index, source, size = int(cfg.shard_index), "--shard-index", None
     elif "SLURM_ARRAY_TASK_ID" in env:

@@ -1,13 +1,13 @@
 """A teacher split over N ranks (``--tensor-parallel N`` under torchrun).
 
-The ranks of torchrun form groups of N consecutive ranks; each group loads the teacher with
-its own tensor-parallel plan (transformers' ``tp_plan="auto"``: each rank holds 1/N of the
-weights) and captures one part. The output head is vocab-parallel: each rank multiplies only
+torchrun's N ranks load the teacher with its own tensor-parallel plan (transformers'
+``tp_plan="auto"``: each rank holds 1/N of the weights) and capture one part together; more
+parts are more such jobs (a SLURM array of N-GPU tasks with --shard-index env). Several groups
+in one torchrun job are refused: transformers' plans size the local attention heads by the
+whole world, not by a sub-mesh (transformers 5.24). The output head is vocab-parallel: each rank multiplies only
 its rows of the head and offers its own top-k and rest (kdcache.stages.capture.extract), so
 the (n, V) logits are never gathered. Only the group's first rank opens the part's writer (its
 lease, its resume point) and writes; the others hear what it decided (``share``).
-
-    world = 8, --tensor-parallel 2:  ranks 0-1 part 0, 2-3 part 1, 4-5 part 2, 6-7 part 3
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ class TensorParallel:
     size: int  # ranks per teacher (N)
     mesh: object  # the group's one-dimensional torch DeviceMesh ("tp")
     rank: int  # this rank within the group
-    part: int  # which group: the part it captures with --shard-index env
-    parts: int  # how many groups
 
     @property
     def group(self):
@@ -55,13 +53,14 @@ def start_tensor_parallel(
     if size == 1:
         return None, pick_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < size or world % size:
+    if world != size:
         raise ConfigError(
-            f"--tensor-parallel {size} needs a multiple of {size} processes, found WORLD_SIZE "
-            f"{world}; run it under torchrun --nproc_per_node {size} (or a multiple)"
+            f"--tensor-parallel {size} splits one teacher over all of torchrun's ranks, found "
+            f"WORLD_SIZE {world}; run it under torchrun --nproc_per_node {size}, one such job "
+            "per part (e.g. a SLURM array of such tasks with --shard-index env)"
         )
     rank, world, device = init_distributed(device_name)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world // size, size), mesh_dim_names=("part", "tp"))
-    return TensorParallel(size, mesh["tp"], rank % size, rank // size, world // size), device
+    mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("tp",))
+    return TensorParallel(size, mesh, rank), device

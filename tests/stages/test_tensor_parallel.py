@@ -189,12 +189,22 @@ def test_two_ranks_with_the_fused_kernel(tmp_path, tok_dir, data):
     assert_same_targets(tmp_path / "one", tmp_path / "tp")
 
 
+def test_more_ranks_than_the_teacher_is_split_over_is_one_clear_error(tmp_path, hf_teacher, data):
+    """Several teacher groups in one torchrun job: transformers' plans size the local heads by
+    the whole world, so kdcache refuses before loading anything."""
+    args = ["cache", "--teacher", hf_teacher, "--data", data, "--out", tmp_path / "c"]
+    args += ["--tensor-parallel", 2, "--shard-index", "env", "--device", "cpu"]
+    for r in run_ranks(args, world=4):
+        assert_one_line_error(r, "--tensor-parallel 2", "WORLD_SIZE 4", "one such job per part")
+    assert not (tmp_path / "c").exists()
+
+
 def test_tensor_parallel_outside_torchrun_is_one_clear_error(tmp_path, hf_teacher, data):
     r = kdcache(
         "cache", "--teacher", hf_teacher, "--data", data, "--out", tmp_path / "c",
         "--tensor-parallel", "2", "--device", "cpu",
     )  # fmt: skip
-    assert_one_line_error(r, "--tensor-parallel 2", "WORLD_SIZE", "torchrun --nproc_per_node 2")
+    assert_one_line_error(r, "--tensor-parallel 2", "WORLD_SIZE 1", "torchrun --nproc_per_node 2")
     assert not (tmp_path / "c").exists()
 
 
