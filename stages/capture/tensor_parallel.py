@@ -3,11 +3,12 @@
 torchrun's N ranks load the teacher with its own tensor-parallel plan (transformers'
 ``tp_plan="auto"``: each rank holds 1/N of the weights) and capture one part together; more
 parts are more such jobs (a SLURM array of N-GPU tasks with --shard-index env). Several groups
-in one torchrun job are refused: transformers' plans (5.24) appear to size the local heads by the
-whole world, not by a sub-mesh (transformers 5.24). The output head is vocab-parallel: each rank multiplies only
-its rows of the head and offers its own top-k and rest (kdcache.stages.capture.extract), so
-the (n, V) logits are never gathered. Only the group's first rank opens the part's writer (its
-lease, its resume point) and writes; the others hear what it decided (``share``).
+in one torchrun job are refused: with transformers 5.24 a 4-rank, 2-group test failed in
+Llama's attention (its plans appear to size the local heads by the whole world, not by a
+sub-mesh). The output head is vocab-parallel: each rank multiplies only its rows of the head
+and offers its own top-k and rest (kdcache.stages.capture.extract), so the (n, V) logits are
+never gathered. Only rank 0 opens the part's writer (its lease, its resume point) and writes;
+the others hear what it decided (``share``).
 """
 
 from __future__ import annotations
