@@ -158,22 +158,24 @@ def extract_rows(
     w = head.weight.float() if kernel == "eager" else head.weight
     b = head.bias.float() if head.bias is not None else None
 
+    def logits(i: int, j: int) -> torch.Tensor:  # (j - i, V_local) float32
+        with _tf32(tf32):
+            return F.linear(hidden[i:j].float(), w, b)
+
     def candidates(i: int, j: int):
         if kernel == "triton":
             from kdcache.stages.capture.fused_head import fused_head_topk
 
             vals, ids, rest = fused_head_topk(hidden[i:j], w, b, k, tf32=tf32)
         else:
-            with _tf32(tf32):
-                vals, ids, rest = local_topk(F.linear(hidden[i:j].float(), w, b), k)
+            vals, ids, rest = local_topk(logits(i, j), k)
         if head.group is None:
             return vals, ids, rest
         return gather_candidates(vals, ids + head.offset, rest, k, head.group)
 
     def select(i: int, j: int):
         if seeds is not None:
-            with _tf32(tf32):
-                z = F.linear(hidden[i:j].float(), w, b)
+            z = logits(i, j)
             return sample_from_logits(z, k, seeds[i:j], proposal_temperature=proposal_temperature)
         return merge_topk(*candidates(i, j), k)
 

@@ -6,8 +6,8 @@ bf16 / fp16 on tensor cores, float32 as IEEE or tf32) and keeps, per row, in reg
 
 - the running top-K (K = k rounded up to a power of two) as int64 keys — the logit's float32
   bits mapped to an order-preserving int32 in the high word, the column id in the low word, so
-  every key is unique and one max / min finds an entry — filled by the first tile; each later
-  tile's entries that beat a row's K-th best replace it, largest first;
+  every key is unique and one max / min finds an entry; each tile's entries that beat a row's
+  K-th best replace it, largest first (the first tile, K <= V real columns, fills it);
 - the exp-sum of every entry that was replaced or never got in, shifted by the running
   maximum (an online log-sum-exp). The tail is that sum itself, never total minus top-k mass
   (which would lose a confident teacher's 1e-9 tail in float32's rounding).
@@ -115,28 +115,12 @@ def _head_topk_kernel(
     row_ok = rows < n
     cols = tl.arange(0, K)
     grid = cols[None, :] + 0 * rows[:, None]  # (BLOCK_N, K) column offsets
-    # The first tile fills the top-K (K <= V: every column is real).
-    z = _tile_logits(
-        h_ptr,
-        w_ptr,
-        b_ptr,
-        rows,
-        row_ok,
-        cols,
-        C,
-        stride_h,
-        stride_w,
-        HAS_BIAS,
-        K,
-        BLOCK_N,
-        BLOCK_C,
-        PRECISION,
-    )
-    best = _key(z, grid)  # (BLOCK_N, K) unsorted
-    m = tl.max(z, axis=1)  # running row maximum
+    neg_inf = tl.full((BLOCK_N, K), float("-inf"), tl.float32)
+    best = _key(neg_inf, grid)  # (BLOCK_N, K) unsorted; the first tile replaces all of it
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running row maximum
     rest = tl.zeros((BLOCK_N,), tl.float32)  # exp-sum of what is not in best, / exp(m)
-    gone = _key(tl.full((BLOCK_N, K), float("-inf"), tl.float32), grid * 0)  # a taken entry
-    for v0 in range(K, V, K):
+    gone = _key(neg_inf, grid * 0)  # a taken entry
+    for v0 in range(0, V, K):
         vids = tl.where(v0 + cols < V, v0 + cols, -1)
         z = _tile_logits(
             h_ptr,
@@ -155,7 +139,7 @@ def _head_topk_kernel(
             PRECISION,
         )
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        rest = rest * tl.exp(m - m_new)
+        rest = rest * tl.exp(m - m_new)  # 0 * 0 on the first tile
         tile = _key(z, v0 + grid)
         top, low = tl.max(tile, axis=1), tl.min(best, axis=1)
         # Insert the tile's entries that beat each row's K-th best, largest first: the

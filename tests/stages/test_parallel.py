@@ -22,12 +22,11 @@ import pytest
 import torch
 from train_helpers import (
     assert_same_params,
-    free_port,
     kdcache,
-    kdcache_args,
+    launch_ranks,
     lengths,
     one_thread_env,
-    rank_env,
+    run_ranks,
     step_rows,
     student_params,
     synthetic_cache,
@@ -53,31 +52,10 @@ def cache(tmp_path_factory) -> Path:
     )
 
 
-def launch(args: list[str], world: int, env: dict | None = None) -> list[subprocess.Popen]:
-    port = free_port()
-    return [
-        subprocess.Popen(
-            kdcache_args(*args),
-            env={**rank_env(rank, world, port), **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-
-
 def ranks(args: list[str], world: int = 2, env: dict | None = None) -> None:
     """Run ``kdcache ARGS`` on ``world`` ranks to the end; every rank must succeed."""
-    procs = launch(args, world, env)
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    for r in run_ranks(args, world, env):
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 def one(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -178,7 +156,7 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_run(cache, tmp_path):
     opts = dict(OPTS, steps=16, checkpoint_every=4, eval_every=5)
     args = train_args(cache, tmp_path / "killed", parallel="fsdp", **opts)
     run = tmp_path / "killed"
-    procs = launch(args, 2)
+    procs = launch_ranks(args, 2)
     try:
 
         def past_a_checkpoint() -> bool:  # a committed checkpoint, and a later step logged

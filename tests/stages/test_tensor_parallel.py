@@ -12,14 +12,13 @@ nats is 0.004), log-probs within 2 float16 steps, the float32 tail within 1e-4.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import HF_COMMON, VOCAB, save_hf_teacher
-from train_helpers import assert_one_line_error, free_port, kdcache, kdcache_args, rank_env
+from train_helpers import assert_one_line_error, kdcache, run_ranks
 
 from kdcache.stages.capture.extract import local_topk, merge_topk, topk_from_logits
 from kdcache.storage.reader import CacheReader
@@ -60,36 +59,24 @@ def test_every_ranks_top_k_merged_equals_the_whole_vocabulary(V, ranks, k):
 
 
 # -- whole captures on 2 gloo ranks -----------------------------------------------------------
-def _llama(vocab: int):
+def _hf_teacher(kind: str, vocab: int):
+    """A random-init Llama (untied head) or Qwen2 (the head is the embedding: both split by rows)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        **HF_COMMON,
+    config, model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return model(
+        config(
+            vocab_size=vocab,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=kind == "qwen2",
+            **shape,
+            **HF_COMMON,
+        )
     )
-    return transformers.LlamaForCausalLM(config)
-
-
-def _qwen2(vocab: int):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,  # the head is the embedding: both split by rows
-        **HF_COMMON,
-    )
-    return transformers.Qwen2ForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -98,32 +85,6 @@ def data(tmp_path_factory, corpus) -> Path:
     path = tmp_path_factory.mktemp("tp-data") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
-
-
-def run_ranks(
-    args: list, world: int = 2, env: dict | None = None
-) -> list[subprocess.CompletedProcess]:
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            kdcache_args(*args),
-            env={**rank_env(rank, world, port), **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [
-        subprocess.CompletedProcess(p.args, p.returncode, out, err)
-        for p, (out, err) in zip(procs, outs)
-    ]
 
 
 def assert_same_targets(a: Path, b: Path) -> None:
@@ -150,13 +111,13 @@ def assert_same_targets(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "build, vocab, k",
-    [(_llama, VOCAB + 3, 8), (_qwen2, VOCAB + 1, 300)],
+    "kind, vocab, k",
+    [("llama", VOCAB + 3, 8), ("qwen2", VOCAB + 1, 300)],
     ids=["llama-uneven-vocab", "qwen2-tied-k-above-a-ranks-share"],
 )
-def test_two_ranks_capture_what_one_process_captures(build, vocab, k, tmp_path, tok_dir, data):
+def test_two_ranks_capture_what_one_process_captures(kind, vocab, k, tmp_path, tok_dir, data):
     torch.manual_seed(0)
-    teacher = save_hf_teacher(tmp_path / "teacher", tok_dir, build(vocab))
+    teacher = save_hf_teacher(tmp_path / "teacher", tok_dir, _hf_teacher(kind, vocab))
     common = ["cache", "--teacher", teacher, "--data", data, "--k", k, "--seq-len", 64]
     common += ["--device", "cpu", "--no-progress"]
     one = kdcache(*common, "--out", tmp_path / "one")
@@ -176,7 +137,7 @@ def test_two_ranks_capture_what_one_process_captures(build, vocab, k, tmp_path, 
 def test_two_ranks_with_the_fused_kernel(tmp_path, tok_dir, data):
     """Each rank's fused kernel offers K = 16 candidates for k = 8 (Triton's interpreter)."""
     torch.manual_seed(0)
-    teacher = save_hf_teacher(tmp_path / "teacher", tok_dir, _llama(VOCAB + 3))
+    teacher = save_hf_teacher(tmp_path / "teacher", tok_dir, _hf_teacher("llama", VOCAB + 3))
     few = tmp_path / "few.jsonl"
     few.write_text("".join(data.read_text().splitlines(keepends=True)[:4]))
     common = ["cache", "--teacher", teacher, "--data", few, "--k", 8, "--seq-len", 64]

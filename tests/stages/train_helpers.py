@@ -220,6 +220,38 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     }
 
 
+def launch_ranks(args: list, world: int, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start ``kdcache ARGS`` on ``world`` ranks the way torchrun starts them."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            kdcache_args(*args),
+            env={**rank_env(rank, world, port), **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+
+
+def run_ranks(
+    args: list, world: int = 2, env: dict | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Run ``kdcache ARGS`` on ``world`` ranks to the end: each rank's result."""
+    procs = launch_ranks(args, world, env)
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [
+        subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p, (out, err) in zip(procs, outs)
+    ]
+
+
 def wait_until(predicate, proc: subprocess.Popen, timeout: float = 60) -> bool:
     """Poll until predicate() holds (True), or the process ends or time runs out (False)."""
     deadline = time.monotonic() + timeout
