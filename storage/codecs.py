@@ -65,6 +65,10 @@ class SortedQuantized(Codec):
         self.name = f"sorted-q{bits}"
         self.levels = 2**bits - 1
         self.dtype = np.dtype(np.uint8 if bits <= 8 else np.uint16)
+        with np.errstate(divide="ignore"):  # level 0 (padding): -inf
+            self._log_squares = (2 * np.log(np.arange(self.levels + 1) / self.levels)).astype(
+                np.float32
+            )
 
     def stored_dtypes(self, schema: CacheSchema) -> dict[str, np.dtype]:
         return {**schema.array_dtypes(), "topk_logprobs": self.dtype}
@@ -80,28 +84,34 @@ class SortedQuantized(Codec):
         return replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
-        if block.num_rows == 0:
-            return replace(block, topk_logprobs=block.topk_logprobs.astype(schema.logprob_dtype))
-        sorted_ids = _row_cumsum(
-            block.topk_ids, np.int64 if schema.vocab_size > 2**24 else np.int32
-        )
-        # Probability order: q descending, ties by id ascending (the column in sorted-id order).
-        neg_q, order = _sort_rows(self.levels - block.topk_logprobs.astype(np.int32))
-        ids = np.take_along_axis(sorted_ids, order, axis=1)
-        s = (self.levels - neg_q).astype(np.float32) * np.float32(1 / self.levels)
-        s2 = s * s
-        tail = block.log_tail[:, None].astype(np.float64)
-        log_mass = np.log(np.maximum(-np.expm1(tail), 0.0)).astype(np.float32)  # exact top-k mass
+        shift = max(1, int(schema.vocab_size - 1).bit_length())
+        dtype = np.int32 if shift + self.bits <= 31 else np.int64
+        q = block.topk_logprobs.astype(dtype)
+        # log p = 2 log(q / L) - log(sum (q / L)^2) + log m: a table per level, one log per row
+        norm = np.einsum("ij,ij->i", q, q, dtype=np.int64) * (1.0 / self.levels**2)
+        tail = block.log_tail.astype(np.float64)
         with np.errstate(divide="ignore"):
-            lp = np.log(s2) - np.log(s2.sum(axis=1, keepdims=True)) + log_mass
+            row = (np.log(np.maximum(-np.expm1(tail), 0.0)) - np.log(norm)).astype(np.float32)
+        # Probability order: q descending, ties by id ascending, as one sort of packed
+        # (L - q, id) keys, built in place; the ids and levels come back out of them.
+        keys = np.subtract(self.levels, q, out=q)
+        keys <<= shift
+        keys |= _row_cumsum(block.topk_ids)
+        keys.sort(axis=1)
+        ids = keys & ((1 << shift) - 1)
+        keys >>= shift
+        lp = np.take(self._log_squares, np.subtract(self.levels, keys, out=keys))
+        lp += row[:, None]
         return replace(
             block,
             topk_ids=ids.astype(schema.id_dtype),
-            topk_logprobs=lp.astype(schema.logprob_dtype),
+            topk_logprobs=lp.astype(schema.logprob_dtype, copy=False),
         )
 
     def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        return _row_cumsum(block.topk_ids, np.int64), block.topk_logprobs > 0  # q = 0: padding
+        return _row_cumsum(block.topk_ids).astype(
+            np.int64
+        ), block.topk_logprobs > 0  # q = 0: padding
 
 
 def count_logprobs(n: int) -> np.ndarray:
@@ -147,12 +157,16 @@ class SortedCounts(Codec):
         return replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=stored)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
-        n, v = schema.k, schema.vocab_size
+        n = schema.k
         sorted_ids, valid = self.entry_ids(block)
         counts = np.where(valid, block.topk_logprobs.astype(np.int64) + 1, 0)  # sorted-id order
-        # Probability order: count descending, ties by id ascending; padding (count 0) last.
-        key, _ = _sort_rows((n - counts) * (v + 1) + np.where(counts > 0, sorted_ids, 0))
-        counts, ids = n - key // (v + 1), key % (v + 1)
+        # Probability order: count descending, ties by id ascending; padding (count 0, id 0)
+        # last: one sort of packed (N - count, id) keys.
+        shift = max(1, int(schema.vocab_size - 1).bit_length())
+        dtype = np.int32 if shift + int(n).bit_length() <= 31 else np.int64
+        keys = (n - counts).astype(dtype) << shift | np.where(valid, sorted_ids, 0).astype(dtype)
+        keys.sort(axis=1)
+        ids, counts = keys & ((1 << shift) - 1), n - (keys >> shift)
         # -inf for padding; through float32 first, as the capture rounds it
         lp = count_logprobs(n).astype(np.float32)[counts]
         return replace(
@@ -164,16 +178,22 @@ class SortedCounts(Codec):
     def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         valid = block.topk_ids > 0  # padding: a gap of 0 after the first column
         valid[:, :1] = True  # the first column always holds a draw (its gap is its id)
-        return _row_cumsum(block.topk_ids, np.int64), valid
+        return _row_cumsum(block.topk_ids).astype(np.int64), valid
 
 
-def _row_cumsum(gaps: np.ndarray, dtype) -> np.ndarray:
-    """Cumulative sum along each row, as one pass over the flat array (numpy's axis=1 cumsum
-    over short rows is several times slower)."""
+def _row_cumsum(gaps: np.ndarray) -> np.ndarray:
+    """Cumulative sum along each row of non-negative gaps whose row sums fit their dtype (ids
+    below 2^16 in uint16, 2^32 in uint32): one pass over the flat array in the gaps' own
+    unsigned dtype, whose wrap-around cancels when each row's start is subtracted (numpy's
+    axis=1 cumsum over short rows is several times slower)."""
     R, k = gaps.shape
-    flat = np.cumsum(gaps.reshape(-1), dtype=np.int64)
-    before = np.concatenate([[0], flat[k - 1 :: k][:-1]])  # (R,) sum of all earlier rows
-    return (flat.reshape(R, k) - before[:, None]).astype(dtype, copy=False)
+    if R == 0:
+        return gaps.copy()
+    flat = np.cumsum(gaps.reshape(-1), dtype=gaps.dtype)
+    before = np.empty(R, gaps.dtype)
+    before[0] = 0
+    before[1:] = flat[k - 1 :: k][:-1]  # the sum of all earlier rows, modulo 2^bits
+    return flat.reshape(R, k) - before[:, None]
 
 
 def _sort_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -171,6 +171,7 @@ class ArrowReader(BackendReader):
                 f"part.json says {self.num_sequences}; run `kdcache verify`"
             )
         self._open: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._last: tuple[tuple[int, int], pa.RecordBatch] | None = None
         self._checked: set[int] = set()
 
     def _check(self, fi: int) -> Path:
@@ -196,6 +197,13 @@ class ArrowReader(BackendReader):
         if fi not in self._open:
             self._open[fi] = pa.ipc.open_file(pa.memory_map(str(self._check(fi)), "r"))
         return self._open[fi]
+
+    def _batch(self, fi: int, bi: int) -> pa.RecordBatch:
+        """Record batch bi of file fi, decompressed; the last one is kept, so that reading a
+        batch in several blocks (storage order) decompresses it once."""
+        if self._last is None or self._last[0] != (fi, bi):
+            self._last = ((fi, bi), self._file(fi).get_batch(bi))
+        return self._last[1]
 
     def batch_rows(self) -> list[tuple[int, int, int]]:
         """(file index, batch index, target rows) of every record batch, in order; decodes only
@@ -279,7 +287,7 @@ class ArrowReader(BackendReader):
             lo = max(start, self.batch_starts[b]) - self.batch_starts[b]
             hi = min(stop, self.batch_starts[b + 1]) - self.batch_starts[b]
             try:
-                batch = self._file(fi).get_batch(bi).slice(int(lo), int(hi - lo))
+                batch = self._batch(fi, bi).slice(int(lo), int(hi - lo))
                 blocks.append(batch_to_block(batch, self.schema.k))
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
                 raise IntegrityError(
@@ -292,7 +300,8 @@ BACKEND = Backend(
     "arrow",
     ArrowWriter,
     ArrowReader,
-    defaults={"compression": "zstd", "batch_positions": 65536},
+    # 8,192 positions: a shuffled block of 64 short sequences decompresses about one batch
+    defaults={"compression": "zstd", "batch_positions": 8192},
 )
 
 __all__ = ["BACKEND", "ArrowReader", "ArrowWriter", "arrow_schema"]

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kdcache.storage.codecs import get_codec, reconstruction_kl
 from kdcache.storage.convert import convert_cache
@@ -235,3 +237,118 @@ def test_numpy_decode_of_sorted_counts_following_format_md(tmp_path):
     seq = CacheReader(tmp_path / "c")[j]
     np.testing.assert_array_equal(ids, seq.topk_ids)
     np.testing.assert_array_equal(logprobs.astype(np.float16), seq.topk_logprobs)
+
+
+def _rows(rng: np.random.Generator, rows: int, k: int, vocab: int, peaked: bool):
+    """(ids, logprobs float32, log_tail) of top-k rows in probability order: flat rows (logits
+    of spread 1) or peaked ones (one id far ahead, the rest decaying fast)."""
+    ids = np.array(
+        [rng.choice(vocab, size=k, replace=False) for _ in range(rows)], np.int64
+    ).reshape(rows, k)
+    scale = 12.0 if peaked else 1.0
+    logits = -np.sort(rng.exponential(scale, size=(rows, k)), axis=1)
+    if peaked:
+        logits[:, 1:] -= 8.0
+    mass = rng.uniform(0.5, 1.0, size=(rows, 1)) if k < vocab else np.ones((rows, 1))
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) + np.log(mass)
+    tail = np.log1p(-mass[:, 0]) if k < vocab else np.full(rows, -np.inf)
+    return ids, lp.astype(np.float32), tail.astype(np.float32)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    vocab=st.sampled_from([7, 65536, 65537, 200000]),
+    codec=st.sampled_from(CODECS),
+    backend=st.sampled_from(["zarr", "arrow"]),
+    peaked=st.booleans(),
+)
+def test_sorted_codecs_round_trip_within_their_documented_bound(
+    tmp_path_factory, data, vocab, codec, backend, peaked
+):
+    k = data.draw(st.sampled_from([1, 2, 64, vocab] if vocab <= 65536 else [1, 64, 300]), "k")
+    k = min(k, vocab)
+    lengths = data.draw(st.lists(st.integers(1, 4 if k >= 65536 else 30), min_size=1, max_size=4))
+    seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+    path = tmp_path_factory.mktemp("c") / "c"
+    check_round_trip(path, vocab, k, lengths, seed, codec, backend, peaked)
+
+
+@pytest.mark.parametrize(
+    "vocab,k", [(65536, 65536), (65536, 64), (65537, 64), (200000, 64), (200000, 1), (5, 5)]
+)
+@pytest.mark.parametrize("peaked", [False, True])
+def test_sorted_codecs_at_the_edges_of_id_widths_and_k(tmp_path, vocab, k, peaked):
+    """The vocabularies where ids change width (65,536 / 65,537) and a 200,000-id one, k = 1
+    and k = the whole vocabulary, on both backends."""
+    for backend in ("zarr", "arrow"):
+        for codec in ("sorted-q8", "sorted-q12"):
+            lengths = [2, 1] if k > 1024 else [40, 1, 9]
+            check_round_trip(
+                tmp_path / f"{backend}-{codec}", vocab, k, lengths, 1, codec, backend, peaked
+            )
+
+
+def check_round_trip(path, vocab, k, lengths, seed, codec, backend, peaked):
+    """Ragged sequences (and rows), flat or peaked rows: the reader returns the exact id sets in
+    probability order, the exact tail mass, and log-probs equal to docs/FORMAT.md's decode of
+    FORMAT.md's levels, each level within half a step of the entry's sqrt-probability (within
+    one step where it is clamped up to 1)."""
+    from kdcache.storage.schema import Sequence
+
+    rng = np.random.default_rng(seed)
+    schema = CacheSchema(k=k, vocab_size=vocab, logprob_dtype="float32")
+    seqs = []
+    for j, n in enumerate(lengths):
+        ids, lp, tail = _rows(rng, n, k, vocab, peaked)
+        tokens = rng.integers(0, vocab, n)
+        seqs.append(
+            Sequence(
+                j,
+                tokens,
+                np.ones(n, np.uint8),
+                np.zeros(1, np.int32),
+                ids.astype(schema.id_dtype),
+                lp,
+                tail,
+            )
+        )
+    exact = Block.from_sequences(seqs, schema)
+    coded = CacheSchema(k=k, vocab_size=vocab, logprob_dtype="float32", codec=codec)
+    identity = CacheIdentity(backend=backend, schema=coded, fingerprints={}, settings={})
+    write_cache(path, identity, [exact])
+    got = CacheReader(path).block(0, len(lengths))
+    np.testing.assert_array_equal(np.sort(got.topk_ids, 1), np.sort(exact.topk_ids, 1))
+    np.testing.assert_array_equal(got.log_tail, exact.log_tail)
+    assert (np.diff(got.topk_logprobs, axis=1) <= 0).all()  # probability order
+    # FORMAT.md by hand: levels in sorted-id order, then its decode formula
+    L = 2 ** int(codec.split("q")[1]) - 1
+    order = np.argsort(exact.topk_ids.astype(np.int64), axis=1)
+    p = np.exp(np.take_along_axis(exact.topk_logprobs.astype(np.float64), order, axis=1))
+    m = -np.expm1(exact.log_tail.astype(np.float64))[:, None]
+    a = np.sqrt(p / p.sum(1, keepdims=True))  # each entry's sqrt-probability within the top-k
+    q = np.clip(np.rint(a * L), 1, L)
+    assert ((np.abs(q / L - a) <= 0.5 / L + 1e-6) | ((q == 1) & (a * L < 0.5 + 1e-6))).all()
+    want = np.log(m * (q / L) ** 2 / ((q / L) ** 2).sum(1, keepdims=True))
+    back = np.argsort(got.topk_ids.astype(np.int64), axis=1)
+    np.testing.assert_array_equal(
+        np.take_along_axis(got.topk_ids.astype(np.int64), back, 1),
+        np.take_along_axis(exact.topk_ids.astype(np.int64), order, axis=1),
+    )
+    err = np.abs(np.take_along_axis(got.topk_logprobs.astype(np.float64), back, 1) - want)
+    assert (err <= 2e-5 * np.maximum(1, np.abs(want))).all(), err.max()
+
+
+@pytest.mark.parametrize("vocab", [65536, 65537, 200000])
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_sorted_counts_is_lossless_where_ids_change_width(tmp_path, vocab, backend):
+    schema = CacheSchema(k=8, vocab_size=vocab, targets="sampled", logprob_dtype="float32")
+    exact = _sampled_block(schema, rows=130)
+    coded = CacheSchema(**{**schema.__dict__, "codec": "sorted-counts"})
+    identity = CacheIdentity(backend=backend, schema=coded, fingerprints={}, settings={})
+    write_cache(tmp_path / "c", identity, [exact])
+    got = CacheReader(tmp_path / "c").block(0, 4)
+    np.testing.assert_array_equal(got.topk_ids, exact.topk_ids)
+    np.testing.assert_array_equal(got.topk_logprobs, exact.topk_logprobs)
