@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--topk-codecs", nargs="+", default=TOPK_CODECS)
     ap.add_argument("--sampled-codecs", nargs="+", default=SAMPLED_CODECS)
     ap.add_argument("--samples", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--backends", nargs="+", default=["zarr", "arrow"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = args.workdir
@@ -153,21 +154,34 @@ def main() -> None:
     data = subset(work, args.positions)
     topk = capture(work, f"top{args.k}", data, args, k=args.k)
     print(f"top-{args.k}: {CacheReader(topk).num_positions:,} positions")
-    print("| targets | codec | B/position | B/entry | KL mean / p99 / max (nats) | read storage order | read shuffled 64-seq |")
+    print(
+        "| targets | codec | B/position | B/entry | KL mean / p99 / max (nats) | read storage order | read shuffled 64-seq |"
+    )
     print("|---|---|---|---|---|---|---|")
     for codec in args.topk_codecs:
-        path = topk if codec == "plain" else work / "caches" / f"top{args.k}-{codec}"
-        if codec != "plain" and not (path / "manifest.json").is_file():
-            convert_cache(topk, path, "zarr", codec=codec, replace_out=True)
-        show(f"top-{args.k}", codec, measure(path))
+        for backend in args.backends:
+            show(f"top-{args.k}", f"{backend} {codec}", measure(stored(work, topk, backend, codec)))
     for n in args.samples:
         sampled = capture(work, f"sampled{n}", data, args, k=n, targets="sampled")
         entries = stored_entries_per_row(sampled)
         for codec in args.sampled_codecs:
-            path = sampled if codec == "plain" else work / "caches" / f"sampled{n}-{codec}"
-            if codec != "plain" and not (path / "manifest.json").is_file():
-                convert_cache(sampled, path, "zarr", codec=codec, replace_out=True)
-            show(f"sampled N={n} ({entries:.1f} stored/row)", codec, measure(path, entries))
+            for backend in args.backends:
+                path = stored(work, sampled, backend, codec)
+                show(
+                    f"sampled N={n} ({entries:.1f} stored/row)",
+                    f"{backend} {codec}",
+                    measure(path, entries),
+                )
+
+
+def stored(work: Path, source: Path, backend: str, codec: str) -> Path:
+    """``source`` converted to ``backend`` and ``codec`` (once; the capture itself for zarr plain)."""
+    if backend == "zarr" and codec == "plain":
+        return source
+    path = work / "caches" / f"{source.name}-{backend}-{codec}"
+    if not (path / "manifest.json").is_file():
+        convert_cache(source, path, backend, codec=codec, replace_out=True)
+    return path
 
 
 if __name__ == "__main__":

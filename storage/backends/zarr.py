@@ -4,10 +4,11 @@ Arrays (docs/FORMAT.md): the flat arrays of the schema plus ``seq_offsets``, ``r
 ``doc_offsets`` (S+1, int64). Every array is sharded (``shard_rows`` rows per shard file,
 ``chunk_rows`` per inner chunk) with zstd and a crc32c checksum on every inner chunk, so a read
 of a damaged chunk fails loudly. With a compact codec (``schema.codec`` other than plain), the
-multi-byte top-k arrays it stores (delta-coded ids, counts, 10/12-bit levels) go through Blosc's
-byte shuffle before zstd (level ``compact_level``, 5) instead: the high bytes of small numbers
-are mostly 0, and a compact cache trades some write speed for size (about 15% fewer bytes for
-delta-coded ids than zstd level 3 alone).
+delta-coded ids of top-k targets go through zstd at ``ids_level`` (12): a teacher's top-k rows
+repeat, and zstd's matches find them (on a 32,000-id teacher's top-64, 11% fewer bytes than a
+byte shuffle); the other multi-byte top-k arrays (sampled ids, counts, 9- to 12-bit levels) go
+through Blosc's byte shuffle before zstd (level ``compact_level``, 5): the high bytes of small
+numbers are mostly 0.
 
 Every write covers whole shards: the writer keeps the rows of the array's last, incomplete shard
 in memory and rewrites that shard whole (from its first row to the array's end) at each append;
@@ -112,9 +113,10 @@ class ZarrWriter(BackendWriter):
         dtype, inner, _ = self.specs[name]
         level = int(self.options["zstd_level"])
         compressor = ZstdCodec(level=level)
-        if self.schema.codec != "plain" and name == "topk_ids":
-            # delta-coded ids: rows repeat, and zstd's long matches find them where a byte
-            # shuffle would cut them apart
+        if self.schema.codec != "plain" and name == "topk_ids" and self.schema.targets == "topk":
+            # delta-coded top-k ids: rows repeat, and zstd's matches find them where a byte
+            # shuffle would cut them apart (sampled ids are draws: they repeat less, and the
+            # shuffle below stores them smaller)
             compressor = ZstdCodec(level=int(self.options["ids_level"]))
         elif self.schema.codec != "plain" and inner and dtype.itemsize > 1:
             compressor = BloscCodec(
