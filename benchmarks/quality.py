@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -138,6 +139,11 @@ def run_once(work: Path, method: str, spec, caches: dict, eval_cache: Path, args
     done = work / "runs" / f"{run}.json"
     if done.is_file():
         return json.loads(done.read_text())
+    done.parent.mkdir(parents=True, exist_ok=True)
+    try:  # another invocation on the same workdir (--reverse) may be training this run
+        os.close(os.open(done.with_suffix(".claim"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return None
     if spec is None:  # online KD: the top-128 cache only gives it the data order
         cfg = train_config(work, run, caches["top128"]["path"], eval_cache, args, seed)
         result = online_kd(cfg, work / "teacher", args.seq_len)
@@ -155,7 +161,6 @@ def run_once(work: Path, method: str, spec, caches: dict, eval_cache: Path, args
         )
         m = run_train(cfg)
         result = {**m["eval"], "train_seconds": m["train_seconds"]}
-    done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result))
     return result
 
@@ -208,8 +213,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--codec", default="sorted-q9", help="the compact top-k codec of its row")
+    ap.add_argument(
+        "--reverse", action="store_true", help="train the rows last to first (a second invocation)"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the captures record it: every invocation captures alike
     t_start = time.perf_counter()
     work = args.workdir
     prepare(work, max_files=args.max_files, vocab_size=args.vocab_size)
@@ -225,12 +234,17 @@ def main() -> None:
             work, f"sampled{n}", train, args.seq_len, targets="sampled", k=n, codec="sorted-counts"
         )
     methods = methods_of(args.codec)
+    torch.set_num_threads(args.threads)
     results = {}
-    for name, spec in methods.items():
+    for name, spec in reversed(methods.items()) if args.reverse else methods.items():
         results[name] = []
         for seed in args.seeds:
             results[name].append(run_once(work, name, spec, caches, eval_cache, args, seed))
-            print(f"{name} seed {seed}: CE {results[name][-1]['ce']:.4f}", flush=True)
+            if results[name][-1] is not None:
+                print(f"{name} seed {seed}: CE {results[name][-1]['ce']:.4f}", flush=True)
+    if any(r is None for runs in results.values() for r in runs):
+        print("runs claimed by another invocation are missing: rerun when it ends for the table")
+        return
     seconds = time.perf_counter() - t_start
     table, md = summarize(results, methods, caches, args, teacher_ce, seconds)
     print(md)
