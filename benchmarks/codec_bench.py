@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kdcache.pipeline.demo import prepare
-from kdcache.pipeline.executors import run_capture
 from kdcache.pipeline.pretrain import PretrainConfig, run_pretrain
-from kdcache.stages.capture import CaptureConfig
 from kdcache.storage.convert import convert_cache
 from kdcache.storage.reader import CacheReader
 
 sys.path.insert(0, str(Path(__file__).parent))
+import quality  # noqa: E402
 from storage_bench import bench_read  # noqa: E402
 
 TOPK_CODECS = ["plain", "sorted-q8", "sorted-q9", "sorted-q10"]
@@ -74,20 +74,8 @@ def subset(work: Path, positions: int) -> Path:
 
 
 def capture(work: Path, name: str, data: Path, args, **opts) -> Path:
-    out = work / "caches" / name
-    run_capture(
-        CaptureConfig(
-            teacher=str(work / "teacher"),
-            data=str(data),
-            out=str(out),
-            seq_len=args.seq_len,
-            stride=args.seq_len,
-            logprob_dtype="float32",
-            progress=False,
-            **opts,
-        )
-    )
-    return out
+    """The teacher's float32 targets over ``data`` (the exact reference of every codec's error)."""
+    return quality.capture(work, name, data, args.seq_len, logprob_dtype="float32", **opts)["path"]
 
 
 def measure(path: Path, stored_entries: float | None = None) -> dict:
@@ -106,8 +94,6 @@ def measure(path: Path, stored_entries: float | None = None) -> dict:
 
 def stored_entries_per_row(path: Path) -> float:
     """Mean real (id, count) entries per row of a sampled cache: the unique ids drawn."""
-    import numpy as np
-
     cache = CacheReader(path)
     real = rows = 0
     for block in cache.iter_blocks(block_sequences=1024):

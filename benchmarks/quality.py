@@ -144,25 +144,25 @@ def run_once(work: Path, method: str, spec, caches: dict, eval_cache: Path, args
         os.close(os.open(done.with_suffix(".claim"), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return None
-    if spec is None:  # online KD: the top-128 cache only gives it the data order
-        cfg = train_config(work, run, caches["top128"]["path"], eval_cache, args, seed)
-        result = online_kd(cfg, work / "teacher", args.seq_len)
-    else:
-        cache, loss, alpha = spec
-        cfg = train_config(
-            work,
-            run,
-            caches[cache]["path"],
-            eval_cache,
-            args,
-            seed,
-            loss=loss,
-            alpha=alpha,
-        )
-        m = run_train(cfg)
-        result = {**m["eval"], "train_seconds": m["train_seconds"]}
+    try:
+        result = train_once(work, run, spec, caches, eval_cache, args, seed)
+    except BaseException:
+        done.with_suffix(".claim").unlink()  # a failed run is free for the next invocation
+        raise
     done.write_text(json.dumps(result))
     return result
+
+
+def train_once(work: Path, run: str, spec, caches: dict, eval_cache: Path, args, seed: int):
+    if spec is None:  # online KD: the top-128 cache only gives it the data order
+        cfg = train_config(work, run, caches["top128"]["path"], eval_cache, args, seed)
+        return online_kd(cfg, work / "teacher", args.seq_len)
+    cache, loss, alpha = spec
+    cfg = train_config(
+        work, run, caches[cache]["path"], eval_cache, args, seed, loss=loss, alpha=alpha
+    )
+    m = run_train(cfg)
+    return {**m["eval"], "train_seconds": m["train_seconds"]}
 
 
 def build_teacher(work: Path, args) -> float:

@@ -84,23 +84,17 @@ class SortedQuantized(Codec):
         return replace(block, topk_ids=gaps.astype(schema.id_dtype), topk_logprobs=q)
 
     def decode(self, block: Block, schema: CacheSchema) -> Block:
-        shift = max(1, int(schema.vocab_size - 1).bit_length())
-        dtype = np.int32 if shift + self.bits <= 31 else np.int64
-        q = block.topk_logprobs.astype(dtype)
+        q = block.topk_logprobs.astype(_key_dtype(schema.vocab_size, self.bits))
         # log p = 2 log(q / L) - log(sum (q / L)^2) + log m: a table per level, one log per row
         norm = np.einsum("ij,ij->i", q, q, dtype=np.int64) * (1.0 / self.levels**2)
         tail = block.log_tail.astype(np.float64)
         with np.errstate(divide="ignore"):
             row = (np.log(np.maximum(-np.expm1(tail), 0.0)) - np.log(norm)).astype(np.float32)
-        # Probability order: q descending, ties by id ascending, as one sort of packed
-        # (L - q, id) keys, built in place; the ids and levels come back out of them.
-        keys = np.subtract(self.levels, q, out=q)
-        keys <<= shift
-        keys |= _row_cumsum(block.topk_ids)
-        keys.sort(axis=1)
-        ids = keys & ((1 << shift) - 1)
-        keys >>= shift
-        lp = np.take(self._log_squares, np.subtract(self.levels, keys, out=keys))
+        # Probability order: q descending, ties by id ascending
+        rank, ids = _order_rows(
+            np.subtract(self.levels, q, out=q), _row_cumsum(block.topk_ids), schema.vocab_size
+        )
+        lp = np.take(self._log_squares, np.subtract(self.levels, rank, out=rank))
         lp += row[:, None]
         return replace(
             block,
@@ -109,9 +103,8 @@ class SortedQuantized(Codec):
         )
 
     def entry_ids(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        return _row_cumsum(block.topk_ids).astype(
-            np.int64
-        ), block.topk_logprobs > 0  # q = 0: padding
+        real = block.topk_logprobs > 0  # q = 0: padding
+        return _row_cumsum(block.topk_ids).astype(np.int64), real
 
 
 def count_logprobs(n: int) -> np.ndarray:
@@ -160,13 +153,12 @@ class SortedCounts(Codec):
         n = schema.k
         sorted_ids, valid = self.entry_ids(block)
         counts = np.where(valid, block.topk_logprobs.astype(np.int64) + 1, 0)  # sorted-id order
-        # Probability order: count descending, ties by id ascending; padding (count 0, id 0)
-        # last: one sort of packed (N - count, id) keys.
-        shift = max(1, int(schema.vocab_size - 1).bit_length())
-        dtype = np.int32 if shift + int(n).bit_length() <= 31 else np.int64
-        keys = (n - counts).astype(dtype) << shift | np.where(valid, sorted_ids, 0).astype(dtype)
-        keys.sort(axis=1)
-        ids, counts = keys & ((1 << shift) - 1), n - (keys >> shift)
+        # Probability order: count descending, ties by id ascending; padding (count 0, id 0) last
+        dtype = _key_dtype(schema.vocab_size, int(n).bit_length())
+        rank, ids = _order_rows(
+            (n - counts).astype(dtype), np.where(valid, sorted_ids, 0), schema.vocab_size
+        )
+        counts = n - rank
         # -inf for padding; through float32 first, as the capture rounds it
         lp = count_logprobs(n).astype(np.float32)[counts]
         return replace(
@@ -194,6 +186,31 @@ def _row_cumsum(gaps: np.ndarray) -> np.ndarray:
     before[0] = 0
     before[1:] = flat[k - 1 :: k][:-1]  # the sum of all earlier rows, modulo 2^bits
     return flat.reshape(R, k) - before[:, None]
+
+
+def _key_dtype(vocab_size: int, rank_bits: int) -> np.dtype:
+    """The integer type of ``_order_rows``'s packed (rank, id) keys."""
+    return np.dtype(np.int32 if _id_bits(vocab_size) + rank_bits <= 31 else np.int64)
+
+
+def _id_bits(vocab_size: int) -> int:
+    return max(1, int(vocab_size - 1).bit_length())
+
+
+def _order_rows(
+    rank: np.ndarray, ids: np.ndarray, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row ordered by rank ascending, ties by id ascending: (ranks, ids) in that order.
+    One vectorized sort of packed (rank, id) keys, built in ``rank``'s own array (of
+    ``_key_dtype``; it is overwritten) -- no argsort, no gather."""
+    shift = _id_bits(vocab_size)
+    keys = rank
+    keys <<= shift
+    keys |= ids
+    keys.sort(axis=1)
+    ids = keys & ((1 << shift) - 1)
+    keys >>= shift
+    return keys, ids
 
 
 def _sort_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
